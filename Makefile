@@ -1,0 +1,73 @@
+# fanout: distributed Python work on Kubernetes with Prefect 3.
+# `make help` lists the targets. Tool versions are pinned here; Python dependencies in
+# flows/requirements*.lock (regenerate with `make lock`).
+
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := help
+
+PYTHON      ?= python3
+VENV        ?= $(CURDIR)/.venv
+PY          := $(VENV)/bin/python
+UV_VERSION  := 0.13.9
+ITEMS       ?= 2000
+
+.PHONY: help
+help: ## Show this help
+	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z0-9_.-]+:.*## / {printf "  \033[36m%-16s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+
+# --- Python environment ------------------------------------------------------------
+
+$(VENV)/.stamp: flows/requirements-dev.lock flows/pyproject.toml
+	@$(PYTHON) -c 'import sys, venv, ensurepip; sys.exit(sys.version_info[:2] != (3, 11))' 2>/dev/null || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3 python3-venv >/dev/null; \
+	  else echo "error: need Python 3.11 with venv (apt-get install python3 python3-venv)" >&2; exit 1; fi; }
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet uv==$(UV_VERSION)
+	$(VENV)/bin/uv pip sync --quiet --python $(PY) flows/requirements-dev.lock
+	$(VENV)/bin/uv pip install --quiet --python $(PY) --no-deps -e flows
+	@touch $@
+
+.PHONY: install
+install: $(VENV)/.stamp ## Create .venv with the pinned dependencies and the flows package
+
+.PHONY: lock
+lock: ## Re-resolve flows/requirements*.lock from flows/pyproject.toml
+	$(VENV)/bin/uv pip compile --quiet --python-version 3.11 flows/pyproject.toml -o flows/requirements.lock
+	$(VENV)/bin/uv pip compile --quiet --python-version 3.11 --extra dev flows/pyproject.toml -o flows/requirements-dev.lock
+
+# --- local stack -------------------------------------------------------------------
+
+.PHONY: run
+run: install ## Demo: local server + 2 light + 1 heavy worker, fan out ITEMS items, print per-worker counts
+	$(PY) -m flows.demo --items $(ITEMS)
+
+.PHONY: worker
+worker: install ## Run one task worker against PREFECT_API_URL (POOL=light|heavy)
+	$(PY) -m flows.worker --pool $(or $(POOL),light)
+
+# --- tests -------------------------------------------------------------------------
+
+.PHONY: lint
+lint: install ## ruff over the Python code
+	$(VENV)/bin/ruff check flows tests
+	$(VENV)/bin/ruff format --check flows tests
+
+.PHONY: test-unit
+test-unit: install ## Unit tests (seconds)
+	cd tests && $(PY) -m pytest unit -q
+
+.PHONY: test-integration
+test-integration: install ## Integration tests on a real local Prefect server and worker processes (minutes)
+	cd tests && $(PY) -m pytest integration -v
+
+.PHONY: test
+test: lint test-unit test-integration ## Everything that needs no cluster: lint, unit, integration
+
+.PHONY: clean
+clean: ## Remove the virtualenv and caches
+	rm -rf $(VENV) tests/.pytest_cache .ruff_cache
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +
+
+-include k8s/cluster.mk

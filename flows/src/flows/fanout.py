@@ -1,0 +1,308 @@
+"""The parent flow: fan items out to task workers with `.delay()` and gather them.
+
+Accounting is per item: every item submitted ends up either with exactly one result or
+in `failed` with its reason (the item raised, its task run failed or crashed, its
+submission failed, or the wait timed out). Waiting polls task-run states from the API
+instead of trusting a websocket per future (see the notes: `result_async()` can miss a
+completion), which also gives the progress display for free.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+from uuid import UUID
+
+from prefect import flow, get_run_logger
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterId
+from prefect.client.schemas.objects import TaskRun
+from prefect.runtime import flow_run
+
+from flows.tasks import ChunkFailed, heavy_batch, process_chunk
+
+MAX_AUTO_TASK_RUNS = 100
+POLL_PAGE = 200  # the API's default page size
+
+
+def auto_chunk_size(items: int) -> int:
+    """Items per task run when none is given: at most MAX_AUTO_TASK_RUNS task runs.
+
+    A task run costs a few hundred ms of Prefect overhead in total; a light item a few
+    ms. Chunking keeps overhead small while leaving enough runs to spread over workers.
+    """
+    return max(1, math.ceil(items / MAX_AUTO_TASK_RUNS))
+
+
+def validate(
+    items: int,
+    chunk_size: int | None,
+    fail_items: list[int],
+    heavy_batches: int,
+    heavy_segments: int,
+    heavy_span: int,
+    timeout: float,
+) -> None:
+    """Reject bad parameters, naming them, before anything is submitted."""
+    problems = []
+    if items < 1:
+        problems.append(f"items must be >= 1, got {items}")
+    if chunk_size is not None and chunk_size < 1:
+        problems.append(f"chunk_size must be >= 1 (or omitted for automatic), got {chunk_size}")
+    if heavy_batches < 0:
+        problems.append(f"heavy_batches must be >= 0, got {heavy_batches}")
+    if heavy_segments < 1:
+        problems.append(f"heavy_segments must be >= 1, got {heavy_segments}")
+    if heavy_span < 1:
+        problems.append(f"heavy_span must be >= 1, got {heavy_span}")
+    if timeout <= 0:
+        problems.append(f"timeout must be > 0, got {timeout}")
+    outside = [i for i in fail_items if not 0 <= i < items]
+    if outside:
+        problems.append(f"fail_items must be item ids in [0, {items}), got {outside[:5]}")
+    if problems:
+        raise ValueError("invalid fanout parameters: " + "; ".join(problems))
+
+
+@dataclass
+class FanoutSummary:
+    """What the parent flow returns: per-item outcome plus who did the work."""
+
+    items: int
+    chunk_size: int
+    task_runs: int
+    flow_run_id: str = ""
+    results: list[dict[str, Any]] = field(default_factory=list)
+    failed: dict[int, str] = field(default_factory=dict)
+    per_worker: dict[str, int] = field(default_factory=dict)
+    heavy: list[dict[str, Any]] = field(default_factory=list)
+    heavy_failed: dict[int, str] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    @property
+    def completed(self) -> int:
+        return len(self.results)
+
+    @property
+    def items_per_second(self) -> float:
+        return self.items / self.seconds if self.seconds else 0.0
+
+
+def _chunks(items: int, size: int) -> list[range]:
+    return [range(s, min(s + size, items)) for s in range(0, items, size)]
+
+
+def _poll(client: Any, ids: list[UUID]) -> list[TaskRun]:
+    runs: list[TaskRun] = []
+    for i in range(0, len(ids), POLL_PAGE):
+        page = ids[i : i + POLL_PAGE]
+        runs += client.read_task_runs(task_run_filter=TaskRunFilter(id=TaskRunFilterId(any_=page)), limit=len(page))
+    return runs
+
+
+def wait_for_runs(weights: dict[UUID, int], deadline: float, label: str) -> tuple[dict[UUID, Any], dict[UUID, str]]:
+    """Wait until every run in `weights` (run id -> items it carries) is final or the
+    deadline passes.
+
+    Returns (value of each run that finished: its result or its exception, and the
+    reason for each run that did not finish). Logs progress every few seconds.
+    """
+    logger = get_run_logger()
+    values: dict[UUID, Any] = {}
+    unfinished: dict[UUID, str] = {}
+    waiting = set(weights)
+    total = sum(weights.values())
+    last_log = 0.0
+    interval = 0.2
+    with get_client(sync_client=True) as client:
+        while waiting:
+            states: Counter[str] = Counter()
+            for run in _poll(client, list(waiting)):
+                if run.state is None:
+                    continue
+                if run.state.is_final():
+                    values[run.id] = run.state.result(raise_on_failure=False)
+                    waiting.discard(run.id)
+                else:
+                    states[run.state.name] += 1
+            now = time.monotonic()
+            if not waiting or now - last_log > 2:
+                done = sum(weights[r] for r in values)
+                busy = ", ".join(f"{n} {s.lower()}" for s, n in sorted(states.items())) or "none left"
+                logger.info("%s: %d/%d done; task runs waiting: %s", label, done, total, busy)
+                last_log = now
+            if not waiting:
+                break
+            if now > deadline:
+                for run in _poll(client, list(waiting)):
+                    unfinished[run.id] = (
+                        f"timed out; task run {run.name} still {run.state.name if run.state else 'unknown'}"
+                    )
+                break
+            time.sleep(interval)
+            interval = min(1.0, interval * 1.5)
+    return values, unfinished
+
+
+@flow(name="fanout")
+def fanout(
+    items: int = 1000,
+    chunk_size: int | None = None,
+    fail_items: list[int] | None = None,
+    heavy_batches: int = 0,
+    heavy_segments: int = 8,
+    heavy_span: int = 40_000,
+    compare_serial: bool = False,
+    timeout: float = 1800.0,
+) -> FanoutSummary:
+    """Fan `items` light items out to the light pool (and `heavy_batches` heavy batches
+    to the heavy pool), wait for all of them, and account for every item."""
+    fail_items = list(fail_items or [])
+    validate(items, chunk_size, fail_items, heavy_batches, heavy_segments, heavy_span, timeout)
+    logger = get_run_logger()
+    t0 = time.monotonic()
+    size = chunk_size or auto_chunk_size(items)
+    summary = FanoutSummary(items=items, chunk_size=size, task_runs=0, flow_run_id=str(flow_run.id))
+    fail = set(fail_items)
+
+    heavy: dict[UUID, int] = {}
+    heavy_unsubmitted: dict[int, str] = {}
+    for b in range(heavy_batches):
+        try:
+            heavy[heavy_batch.delay(b, heavy_segments, heavy_span, compare_serial).task_run_id] = b
+        except Exception as exc:  # noqa: BLE001 - reported, not lost
+            heavy_unsubmitted[b] = f"submission failed: {exc}"
+
+    pending: dict[UUID, range] = {}  # task run -> the items it carries
+    for rng in _chunks(items, size):
+        mine = [i for i in rng if i in fail] or None
+        try:
+            fut = process_chunk.delay(rng.start, rng.stop, mine)
+        except Exception as exc:  # noqa: BLE001 - reported, not lost
+            summary.failed.update({i: f"submission failed: {exc}" for i in rng})
+            continue
+        pending[fut.task_run_id] = rng
+    summary.task_runs = len(pending) + len(heavy)
+    logger.info(
+        "submitted %d items in %d task runs of up to %d (%.1fs)", items, len(pending), size, time.monotonic() - t0
+    )
+
+    deadline = time.monotonic() + timeout
+    values, unfinished = wait_for_runs({r: len(rng) for r, rng in pending.items()}, deadline, "items")
+    for run_id, rng in pending.items():
+        value = values.get(run_id)
+        if run_id in unfinished:
+            summary.failed.update({i: unfinished[run_id] for i in rng})
+        elif isinstance(value, ChunkFailed):
+            summary.results += value.results
+            summary.failed.update(value.errors)
+        elif isinstance(value, BaseException):
+            summary.failed.update({i: f"task run failed: {type(value).__name__}: {value}" for i in rng})
+        else:
+            summary.results += value
+
+    if heavy:
+        hvalues, hunfinished = wait_for_runs(dict.fromkeys(heavy, 1), deadline, "heavy batches")
+        for run_id, b in heavy.items():
+            value = hvalues.get(run_id)
+            if run_id in hunfinished or isinstance(value, BaseException):
+                summary.heavy_failed[b] = hunfinished.get(run_id) or f"{type(value).__name__}: {value}"
+            else:
+                summary.heavy.append(value)
+    summary.heavy_failed.update(heavy_unsubmitted)
+
+    summary.results.sort(key=lambda r: r["item"])
+    summary.per_worker = dict(Counter(r["worker"] for r in summary.results))
+    summary.seconds = time.monotonic() - t0
+    logger.info(
+        "done: %d/%d items in %.1fs (%.1f items/s), %d failed",
+        summary.completed,
+        items,
+        summary.seconds,
+        summary.items_per_second,
+        len(summary.failed),
+    )
+    return summary
+
+
+def format_summary(s: FanoutSummary) -> str:
+    """The human-readable report: totals, items per worker process, heavy speed-ups."""
+    lines = [
+        f"items: {s.completed}/{s.items} completed, {len(s.failed)} failed, "
+        f"{s.task_runs} task runs (chunk size {s.chunk_size})",
+        f"wall time: {s.seconds:.1f}s, {s.items_per_second:.1f} items/s",
+        "items per worker process:",
+    ]
+    lines += [f"  {w:<40} {n:>7}" for w, n in sorted(s.per_worker.items())]
+    for item, reason in sorted(s.failed.items())[:20]:
+        lines.append(f"  FAILED item {item}: {reason}")
+    if len(s.failed) > 20:
+        lines.append(f"  ... and {len(s.failed) - 20} more failed items")
+    for h in sorted(s.heavy, key=lambda h: h["batch"]):
+        line = (
+            f"heavy batch {h['batch']} on {h['worker']}: {h['primes']} primes, "
+            f"{h['processes']} processes ({len(h['pids'])} used), pool {h['seconds']:.2f}s"
+        )
+        if "serial_seconds" in h:
+            line += f", serial {h['serial_seconds']:.2f}s, speed-up {h['serial_seconds'] / h['seconds']:.2f}x"
+        lines.append(line)
+    for b, reason in sorted(s.heavy_failed.items()):
+        lines.append(f"  FAILED heavy batch {b}: {reason}")
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m flows.fanout", description="Run the fan-out flow and report.")
+    p.add_argument("--items", type=int, default=1000, help="light items to fan out")
+    p.add_argument("--chunk-size", type=int, default=None, help="items per task run (default: automatic)")
+    p.add_argument("--fail-items", default="", help="comma-separated item ids that raise (error-path demo)")
+    p.add_argument("--heavy-batches", type=int, default=0, help="CPU-heavy batches for the heavy pool")
+    p.add_argument("--heavy-segments", type=int, default=8, help="segments per heavy batch")
+    p.add_argument("--heavy-span", type=int, default=40_000, help="integers per segment")
+    p.add_argument("--compare-serial", action="store_true", help="also time each heavy batch serially")
+    p.add_argument("--timeout", type=float, default=1800.0, help="seconds to wait for all results")
+    p.add_argument("--json", metavar="FILE", help="write the full summary (with every result) as JSON")
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        fail_items = [int(x) for x in args.fail_items.split(",") if x.strip()]
+    except ValueError:
+        parser.error(f"--fail-items must be comma-separated integers, got {args.fail_items!r}")
+    params = dict(
+        items=args.items,
+        chunk_size=args.chunk_size,
+        fail_items=fail_items,
+        heavy_batches=args.heavy_batches,
+        heavy_segments=args.heavy_segments,
+        heavy_span=args.heavy_span,
+        timeout=args.timeout,
+    )
+    try:
+        validate(**params)
+    except ValueError as exc:
+        parser.error(str(exc))
+    summary = fanout(**params, compare_serial=args.compare_serial)
+    print(format_summary(summary), flush=True)
+    if args.json:
+        data = dataclasses.asdict(summary) | {
+            "completed": summary.completed,
+            "items_per_second": summary.items_per_second,
+        }
+        with open(args.json, "w") as f:
+            json.dump(data, f)
+    sys.exit(1 if summary.failed or summary.heavy_failed else 0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,305 @@
+"""A whole stack on one machine: database, Prefect server and task-worker processes.
+
+Used by `make run` (the demo) and by the integration tests, so both exercise the same
+processes that run in pods later: `prefect server start` and `python -m flows.worker`,
+talking over loopback. Everything it starts runs in its own process group and is
+stopped on exit, including after errors.
+
+Each process gets its own PREFECT_HOME, like separate pods; they share only the
+directory named by FANOUT_STORAGE.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_until(check: Any, timeout: float, what: str, proc: subprocess.Popen[bytes] | None = None) -> None:
+    """Poll `check()` until true; fail with `what` (and the process's exit) on timeout."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"{what}: process exited with {proc.returncode}")
+        try:
+            if check():
+                return
+        except OSError:
+            pass
+        time.sleep(0.2)
+    raise TimeoutError(f"{what}: not ready after {timeout:.0f}s")
+
+
+def http_ok(url: str) -> bool:
+    with urllib.request.urlopen(url, timeout=2) as r:
+        return 200 <= r.status < 300
+
+
+def postgres_bin() -> Path | None:
+    """Directory holding initdb and postgres, if PostgreSQL is installed."""
+    found = shutil.which("initdb")
+    if found:
+        return Path(found).resolve().parent
+    for candidate in sorted(Path("/usr/lib/postgresql").glob("*/bin"), reverse=True):
+        if (candidate / "initdb").exists():
+            return candidate
+    return None
+
+
+@dataclass
+class Proc:
+    """A process of the stack, with its log file."""
+
+    name: str
+    popen: subprocess.Popen[bytes]
+    log: Path
+    port: int = 0
+
+    @property
+    def client_id(self) -> str:
+        """The id Prefect and our results use for this process: `<hostname>-<pid>`."""
+        return f"{socket.gethostname()}-{self.popen.pid}"
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def signal(self, sig: int) -> None:
+        if self.alive():
+            os.killpg(self.popen.pid, sig)
+
+    def stop(self, timeout: float = 10.0) -> int:
+        """SIGTERM, then SIGKILL after `timeout`; returns the exit code."""
+        self.signal(signal.SIGTERM)
+        try:
+            return self.popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.signal(signal.SIGKILL)
+            return self.popen.wait()
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+
+class LocalStack:
+    """Database + Prefect server + task workers under `root`; a context manager."""
+
+    def __init__(self, root: Path, database: str = "auto", ui: bool = True) -> None:
+        if database not in ("auto", "postgres", "sqlite"):
+            raise ValueError(f"database must be auto, postgres or sqlite, got {database!r}")
+        self.root = root.resolve()
+        self.database = database
+        self.ui = ui
+        self.procs: list[Proc] = []
+        self.api_url = ""
+        self.storage = self.root / "storage"
+        self.db_url = ""
+        self._cleanup: list[Path] = []
+
+    # -- environment ---------------------------------------------------------------
+    def env(self, name: str, **extra: str) -> dict[str, str]:
+        """Environment for a process of the stack called `name`."""
+        home = self.root / "home" / name
+        home.mkdir(parents=True, exist_ok=True)
+        env = {
+            **os.environ,
+            "PREFECT_HOME": str(home),
+            "FANOUT_STORAGE": str(self.storage),
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            "PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW": "ignore",
+            "PYTHONUNBUFFERED": "1",
+        }
+        if self.api_url:
+            env["PREFECT_API_URL"] = self.api_url
+        env.update(extra)
+        return env
+
+    def spawn(self, name: str, argv: list[str], env: dict[str, str], port: int = 0, user: str | None = None) -> Proc:
+        """Start `argv` in its own process group with output to `<root>/logs/<name>.log`."""
+        log = self.root / "logs" / f"{name}.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        out: IO[bytes] = log.open("ab")
+        if user:
+            argv = ["runuser", "-u", user, "--", *argv]
+        popen = subprocess.Popen(
+            argv,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            cwd=self.root,
+        )
+        out.close()
+        proc = Proc(name, popen, log, port)
+        self.procs.append(proc)
+        return proc
+
+    # -- database ------------------------------------------------------------------
+    def _start_postgres(self, bindir: Path) -> None:
+        """A throwaway PostgreSQL on loopback (as user `postgres` when we are root:
+        PostgreSQL refuses to run as root)."""
+        data = self.root / "pgdata"
+        user = None
+        if os.geteuid() == 0:
+            # The postgres user must reach its data directory: keep it out of private
+            # (0700) temp trees such as pytest's, and remove it on close.
+            user = "postgres"
+            pw = pwd.getpwnam(user)
+            data = Path(tempfile.mkdtemp(prefix="fanout-pg-"))
+            os.chown(data, pw.pw_uid, pw.pw_gid)
+            self._cleanup.append(data)
+        else:
+            data.mkdir(mode=0o700)
+        init = [str(bindir / "initdb"), "-D", str(data), "-U", "prefect", "--auth=trust", "-E", "UTF8", "--no-sync"]
+        if user:
+            init = ["runuser", "-u", user, "--", *init]
+        subprocess.run(init, check=True, capture_output=True, cwd=self.root)
+        port = free_port()
+        argv = [
+            str(bindir / "postgres"),
+            "-D",
+            str(data),
+            "-p",
+            str(port),
+            "-k",
+            str(data),
+            "-c",
+            "listen_addresses=127.0.0.1",
+            "-c",
+            "fsync=off",
+            "-c",
+            "max_connections=200",
+        ]
+        proc = self.spawn("postgres", argv, dict(os.environ), port, user=user)
+        wait_until(
+            lambda: socket.create_connection(("127.0.0.1", port), 1).close() is None
+            and "ready to accept connections" in proc.output(),
+            30,
+            "postgres",
+            proc.popen,
+        )
+        self.db_url = f"postgresql+asyncpg://prefect@127.0.0.1:{port}/postgres"
+
+    def _database_url(self) -> str:
+        bindir = postgres_bin()
+        if self.database == "postgres" and bindir is None:
+            raise RuntimeError("database=postgres but PostgreSQL (initdb, postgres) is not installed")
+        if self.database != "sqlite" and bindir is not None:
+            self._start_postgres(bindir)
+            return self.db_url
+        self.db_url = f"sqlite+aiosqlite:///{self.root / 'prefect.db'}"
+        return self.db_url
+
+    # -- server and workers ----------------------------------------------------------
+    def start_server(self, timeout: float = 90) -> Proc:
+        port = free_port()
+        env = self.env(
+            "server",
+            PREFECT_API_DATABASE_CONNECTION_URL=self._database_url(),
+            PREFECT_SERVER_LOGGING_LEVEL="WARNING",
+            PREFECT_UI_ENABLED="true" if self.ui else "false",
+        )
+        env.pop("PREFECT_API_URL", None)
+        argv = [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)]
+        proc = self.spawn("server", argv, env, port)
+        self.api_url = f"http://127.0.0.1:{port}/api"
+        wait_until(lambda: http_ok(f"{self.api_url}/health"), timeout, "prefect server", proc.popen)
+        return proc
+
+    def start_worker(
+        self,
+        pool: str,
+        limit: int = 10,
+        name: str | None = None,
+        wait: bool = True,
+        timeout: float = 60,
+        cpus: int | None = None,
+    ) -> Proc:
+        """A `python -m flows.worker` process; waits until it is subscribed (healthz 200).
+
+        `cpus` pins it (and the process pools it starts) to that many CPUs, the local
+        stand-in for a pod's CPU limit.
+        """
+        name = name or f"worker-{pool}-{sum(p.name.startswith(f'worker-{pool}') for p in self.procs)}"
+        port = free_port()
+        argv = [
+            sys.executable,
+            "-m",
+            "flows.worker",
+            "--pool",
+            pool,
+            "--limit",
+            str(limit),
+            "--health-host",
+            "127.0.0.1",
+            "--health-port",
+            str(port),
+        ]
+        if cpus is not None:
+            mine = sorted(os.sched_getaffinity(0))
+            if not 1 <= cpus <= len(mine):
+                raise ValueError(f"cpus must be between 1 and {len(mine)}, got {cpus}")
+            argv = ["taskset", "-c", ",".join(map(str, mine[:cpus])), *argv]
+        proc = self.spawn(name, argv, self.env(name), port)
+        if wait:
+            self.wait_healthy(proc, timeout)
+        return proc
+
+    def wait_healthy(self, worker: Proc, timeout: float = 90) -> None:
+        """Until the worker's /healthz says it is subscribed to the server."""
+        wait_until(lambda: http_ok(f"http://127.0.0.1:{worker.port}/healthz"), timeout, worker.name, worker.popen)
+
+    def run_flow(self, args: list[str], timeout: float = 900, capture: bool = True) -> subprocess.CompletedProcess[str]:
+        """Run the parent flow (`python -m flows.fanout ARGS`) as a separate submitter
+        process, as a flow-run pod would; `capture=False` shows its output live."""
+        return subprocess.run(
+            [sys.executable, "-m", "flows.fanout", *args],
+            env=self.env("submitter"),
+            capture_output=capture,
+            text=True,
+            timeout=timeout,
+            cwd=self.root,
+        )
+
+    def workers(self) -> list[Proc]:
+        return [p for p in self.procs if p.name.startswith("worker-")]
+
+    # -- lifecycle -------------------------------------------------------------------
+    def __enter__(self) -> LocalStack:
+        self.root.mkdir(parents=True, exist_ok=True)
+        try:
+            self.start_server()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Stop everything, workers first and the database last."""
+        for proc in reversed(self.procs):
+            proc.stop()
+        self.procs.clear()
+        for path in self._cleanup:
+            shutil.rmtree(path, ignore_errors=True)
+        self._cleanup.clear()

@@ -1,0 +1,161 @@
+"""The fanned-out tasks, the CPU-heavy subflow, and which worker pool serves what.
+
+Task workers subscribe by task key (`<qualname>-<hash of the code>`), so routing work
+to a pool is routing task keys: the light pool serves `process_chunk` only, the heavy
+pool `heavy_batch` only, and a light worker never even hears of a heavy run.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+from typing import Any
+
+from prefect import Task, flow, task
+from prefect.client.schemas.objects import State, TaskRun
+from prefect.task_runners import ProcessPoolTaskRunner
+
+from flows import workload
+from flows.cpu import available_cpus
+from flows.storage import result_storage
+
+log = logging.getLogger("flows.worker")
+
+
+def worker_id() -> str:
+    """`<hostname>-<pid>`: Prefect's task-worker client id; in a pod the hostname is the pod name."""
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+def _log_finished(tsk: Task[..., Any], run: TaskRun, state: State) -> None:
+    """One log line per finished task run, on the worker that ran it."""
+    took = ""
+    if run.start_time is not None:
+        took = f" in {(state.timestamp - run.start_time).total_seconds():.2f}s"
+    reason = f": {state.message}" if state.is_failed() and state.message else ""
+    log.info("%s %s%s%s", run.name, state.name, took, reason)
+
+
+class ChunkFailed(Exception):
+    """Some items of a chunk raised; carries the results of the others.
+
+    Raising (rather than returning the errors) marks the task run Failed where users
+    look (UI, API), while the parent still gets every good result of the chunk.
+    """
+
+    def __init__(self, results: list[dict[str, Any]], errors: dict[int, str]) -> None:
+        super().__init__(results, errors)
+        self.results = results
+        self.errors = errors
+
+    def __repr__(self) -> str:  # Prefect logs repr(exc): keep the results out of it
+        return f"ChunkFailed({str(self)!r})"
+
+    def __str__(self) -> str:
+        shown = "; ".join(f"item {i}: {e}" for i, e in list(self.errors.items())[:5])
+        more = f" (+{len(self.errors) - 5} more)" if len(self.errors) > 5 else ""
+        return f"{len(self.errors)} of {len(self.errors) + len(self.results)} items failed: {shown}{more}"
+
+
+@task(
+    name="process_chunk",
+    task_run_name="items-{start}-{stop}",
+    result_storage=result_storage(),
+    on_completion=[_log_finished],
+    on_failure=[_log_finished],
+)
+def process_chunk(start: int, stop: int, fail_items: list[int] | None = None) -> list[dict[str, Any]]:
+    """Light work: checksum items start..stop-1, each independently.
+
+    One bad item must not sink its neighbours: every item is tried, and if any raised
+    the run fails with ChunkFailed holding the others' results.
+    """
+    me = worker_id()
+    fail = set(fail_items or ())
+    results: list[dict[str, Any]] = []
+    errors: dict[int, str] = {}
+    for item in range(start, stop):
+        try:
+            if item in fail:
+                raise workload.InjectedFailure(f"injected failure for item {item}")
+            results.append({**workload.checksum_item(item), "worker": me})
+        except Exception as exc:  # noqa: BLE001 - reported per item to the parent
+            errors[item] = f"{type(exc).__name__}: {exc}"
+    if errors:
+        raise ChunkFailed(results, errors)
+    return results
+
+
+@task(name="count_segment")
+def count_segment(lo: int, hi: int) -> dict[str, Any]:
+    """One segment of a heavy batch, run in a process of the subflow's pool."""
+    t0 = time.perf_counter()
+    primes = workload.count_primes(lo, hi)
+    return {"primes": primes, "pid": os.getpid(), "seconds": time.perf_counter() - t0}
+
+
+@flow(name="crunch")
+def crunch(batch: int, segments: int, span: int) -> dict[str, Any]:
+    """The CPU-heavy subflow: all segments of one batch over the flow's task runner."""
+    t0 = time.perf_counter()
+    parts = workload.batch_segments(batch, segments, span)
+    futures = count_segment.map([p.lo for p in parts], [p.hi for p in parts])
+    done = [f.result() for f in futures]
+    return {
+        "batch": batch,
+        "primes": sum(d["primes"] for d in done),
+        "pids": sorted({d["pid"] for d in done}),
+        "busy_seconds": sum(d["seconds"] for d in done),
+        "seconds": time.perf_counter() - t0,
+    }
+
+
+def run_crunch(batch: int, segments: int, span: int, processes: int | None = None) -> dict[str, Any]:
+    """Run `crunch` on a process pool sized to the CPUs this process really has.
+
+    The pool is built per call (not at import) because the CPU quota belongs to the
+    process that runs the flow, e.g. a large pod, not to the one that imported it.
+    """
+    n = processes or available_cpus()
+    result = crunch.with_options(task_runner=ProcessPoolTaskRunner(max_workers=n))(batch, segments, span)
+    return {**result, "processes": n}
+
+
+@task(
+    name="heavy_batch",
+    task_run_name="heavy-{batch}",
+    result_storage=result_storage(),
+    on_completion=[_log_finished],
+    on_failure=[_log_finished],
+)
+def heavy_batch(batch: int, segments: int, span: int, compare_serial: bool = False) -> dict[str, Any]:
+    """Heavy work, served by the heavy pool only: runs the process-pool subflow.
+
+    With `compare_serial` it also runs the same batch serially in this process, so the
+    speed-up is measured on the same machine in the same run.
+    """
+    result = run_crunch(batch, segments, span)
+    result["worker"] = worker_id()
+    if compare_serial:
+        t0 = time.perf_counter()
+        serial = sum(workload.count_primes(p.lo, p.hi) for p in workload.batch_segments(batch, segments, span))
+        result["serial_seconds"] = time.perf_counter() - t0
+        if serial != result["primes"]:
+            raise RuntimeError(f"batch {batch}: pool counted {result['primes']} primes, serial {serial}")
+    return result
+
+
+POOLS: dict[str, list[Task[..., Any]]] = {
+    "light": [process_chunk],
+    "heavy": [heavy_batch],
+}
+
+
+def pool_tasks(pool: str) -> list[Task[..., Any]]:
+    """The tasks a worker of `pool` serves; a clear error for an unknown pool."""
+    try:
+        return POOLS[pool]
+    except KeyError:
+        raise ValueError(f"unknown pool {pool!r}; known pools: {', '.join(sorted(POOLS))}") from None

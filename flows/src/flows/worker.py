@@ -1,0 +1,203 @@
+"""Task-worker entry point: `python -m flows.worker --pool light`.
+
+Serves exactly the tasks of one pool (see `flows.tasks.POOLS`) with a concurrency
+limit, logs one line per task run, and answers Kubernetes probes on `/healthz`
+(alive and subscribed) and `/status` (JSON) at a configurable address.
+
+It differs from Prefect's stock `TaskWorker` in one deliberate way: it takes a slot
+*before* it reads the next run from the server, and acks only then. Prefect's worker
+acks every run on arrival and queues it locally; if the process dies those runs are
+lost. Here a run the worker cannot start yet stays un-acked on the server side, which
+re-queues it if the connection drops.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import anyio
+import orjson
+import websockets.exceptions
+from prefect.client.schemas.objects import TaskRun
+from prefect.client.subscriptions import Subscription
+from prefect.settings import get_current_settings
+from prefect.task_worker import TaskWorker
+
+from flows.tasks import POOLS, pool_tasks
+
+log = logging.getLogger("flows.worker")
+
+
+class FanoutWorker(TaskWorker):
+    """A TaskWorker that acks a run only when it has a free slot to start it, and that
+    drains on SIGTERM/SIGINT: it stops taking runs, leaves the one it was offered but
+    had not acked to the server (which re-queues it when the socket closes), finishes
+    the runs in flight, and exits 0."""
+
+    def __init__(self, *tasks: Any, limit: int, pool: str) -> None:
+        if limit < 1:
+            raise ValueError(f"limit must be >= 1, got {limit}")
+        super().__init__(*tasks, limit=limit)
+        self.pool = pool
+        self.connected = False
+        self._intake: anyio.CancelScope | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def handle_sigterm(self, signum: int, frame: object) -> None:  # overrides Prefect's exit-at-once
+        if self.stopping:
+            return
+        self.stopping = True
+        log.info("signal %d: draining (no new runs; finishing %s in flight)", signum, self.current_tasks)
+        if self._loop is not None and self._intake is not None:
+            self._loop.call_soon_threadsafe(self._intake.cancel)
+
+    async def _subscribe_to_task_scheduling(self) -> None:  # overrides Prefect's loop
+        base_url = get_current_settings().api.url
+        if not base_url:
+            raise ValueError("PREFECT_API_URL must point at a Prefect server")
+        sub: Subscription[TaskRun] = Subscription(
+            model=TaskRun,
+            path="/task_runs/subscriptions/scheduled",
+            keys=self.task_keys,
+            client_id=self.client_id,
+            base_url=base_url,
+        )
+        assert self._limiter is not None and self._runs_task_group is not None
+        signal.signal(signal.SIGINT, self.handle_sigterm)
+        self._loop = asyncio.get_running_loop()
+        self._intake = anyio.CancelScope()
+        log.info("worker %s serving pool %r (limit %d)", self.client_id, self.pool, self.limit)
+        with self._intake:
+            while not self.stopping:
+                slot = object()
+                await self._limiter.acquire_on_behalf_of(slot)
+                try:
+                    run = await self._receive(sub)
+                finally:
+                    self._limiter.release_on_behalf_of(slot)
+                # Hand the slot just freed to the run (nothing else takes slots meanwhile).
+                self._limiter.acquire_on_behalf_of_nowait(run.id)
+                self._runs_task_group.start_soon(self._safe_submit_scheduled_task_run, run)
+        self.connected = False
+        if sub._websocket is not None:
+            await sub._websocket.close()
+        # Returning lets TaskWorker.__aexit__ wait for the runs in flight.
+
+    async def _receive(self, sub: Subscription[TaskRun]) -> TaskRun:
+        """Next run from the server, acked; reconnects while the server is away."""
+        while True:
+            try:
+                await sub._ensure_connected()
+                self.connected = True
+                message = await sub.websocket.recv()
+                # Once acked the run is ours: never let a drain cancel between the ack
+                # and handing the run to the task group.
+                with anyio.CancelScope(shield=True):
+                    await sub.websocket.send(orjson.dumps({"type": "ack"}).decode())
+                return TaskRun.model_validate_json(message)
+            except (OSError, websockets.exceptions.ConnectionClosed) as exc:
+                if self.connected:
+                    log.warning("lost the server (%s); reconnecting", exc)
+                self.connected = False
+                sub._websocket = None
+                await asyncio.sleep(0.5)
+
+    def status(self) -> dict[str, Any]:
+        """What `/status` reports."""
+        return {
+            "client_id": self.client_id,
+            "pool": self.pool,
+            "connected": self.connected,
+            "stopping": self.stopping,
+            "limit": self.limit,
+            "running": self.current_tasks,
+            "finished": sum(self.finished_task_runs.values()),
+        }
+
+
+def serve_health(worker: FanoutWorker, host: str, port: int) -> ThreadingHTTPServer:
+    """Start the probe endpoint in a daemon thread; returns the server (port 0 = any)."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            status = worker.status()
+            healthy = worker.started and worker.connected and not worker.stopping
+            if self.path == "/healthz":
+                code, body = (200 if healthy else 503), {"ok": healthy}
+            elif self.path == "/status":
+                code, body = 200, status
+            else:
+                code, body = 404, {"error": "not found"}
+            data = json.dumps(body).encode()
+            self.send_response(code)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args: Any) -> None:  # probes every few seconds: no log
+            pass
+
+    server = ThreadingHTTPServer((host, port), Handler)
+    threading.Thread(target=server.serve_forever, name="health", daemon=True).start()
+    return server
+
+
+def build_parser() -> argparse.ArgumentParser:
+    env = os.environ.get
+    p = argparse.ArgumentParser(prog="python -m flows.worker", description=__doc__.split("\n")[0])
+    p.add_argument("--pool", default=env("FANOUT_POOL", "light"), help=f"one of: {', '.join(sorted(POOLS))}")
+    p.add_argument("--limit", type=int, default=int(env("FANOUT_WORKER_LIMIT", "10")), help="task runs at once")
+    p.add_argument("--health-host", default=env("FANOUT_HEALTH_HOST", "127.0.0.1"), help="probe address")
+    p.add_argument("--health-port", type=int, default=int(env("FANOUT_HEALTH_PORT", "8080")), help="probe port")
+    return p
+
+
+def configure_logging() -> None:
+    """Our one line per task on stdout; Prefect's own per-run INFO chatter only at WARNING.
+
+    Prefect configures its loggers at import; ours gets a handler of its own so it
+    does not depend on how Prefect set up the root logger.
+    """
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    ours = logging.getLogger("flows")
+    ours.addHandler(handler)
+    ours.setLevel(logging.INFO)
+    ours.propagate = False
+    for name in ("prefect.task_worker", "prefect.task_runs", "prefect.client.subscriptions"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+async def run(args: argparse.Namespace) -> None:
+    worker = FanoutWorker(*pool_tasks(args.pool), limit=args.limit, pool=args.pool)
+    health = serve_health(worker, args.health_host, args.health_port)
+    log.info("health endpoint on http://%s:%d/healthz", *health.server_address[:2])
+    try:
+        await worker.astart()
+    finally:
+        health.shutdown()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.pool not in POOLS:
+        parser.error(f"unknown pool {args.pool!r}; known pools: {', '.join(sorted(POOLS))}")
+    if args.limit < 1:
+        parser.error(f"--limit must be >= 1, got {args.limit}")
+    configure_logging()
+    asyncio.run(run(args))
+
+
+if __name__ == "__main__":
+    main()

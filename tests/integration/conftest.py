@@ -1,0 +1,43 @@
+"""A real local stack for the integration tier: PostgreSQL (when installed, else
+SQLite), `prefect server start`, and task-worker processes on free loopback ports.
+
+One stack per module keeps the tier to minutes; every test drives it through the
+same commands a user runs (`python -m flows.worker`, `python -m flows.fanout`).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from flows.local import LocalStack
+
+DATABASE = os.environ.get("FANOUT_TEST_DATABASE", "auto")
+
+
+def assert_all_stopped(pids: list[int]) -> None:
+    alive = []
+    for pid in pids:
+        try:
+            os.kill(pid, 0)
+            alive.append(pid)
+        except ProcessLookupError:
+            pass
+    assert not alive, f"processes left behind: {alive}"
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
+    """Server + 3 light workers + 1 heavy worker pinned to 2 CPUs."""
+    root: Path = tmp_path_factory.mktemp("stack")
+    with LocalStack(root, database=DATABASE, ui=False) as st:
+        for _ in range(3):
+            st.start_worker("light", limit=4, wait=False)
+        st.start_worker("heavy", limit=1, cpus=2, wait=False)
+        for w in st.workers():  # started together, waited for together
+            st.wait_healthy(w)
+        pids = [p.popen.pid for p in st.procs]
+        yield st
+    assert_all_stopped(pids)

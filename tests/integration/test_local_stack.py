@@ -1,0 +1,140 @@
+"""The local stack end to end: real server, real worker processes, real submitter."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+from flows import workload
+from flows.local import LocalStack
+
+
+def api(stack: LocalStack) -> httpx.Client:
+    return httpx.Client(base_url=stack.api_url, timeout=30)
+
+
+def task_run_count(stack: LocalStack) -> int:
+    with api(stack) as c:
+        return int(c.post("/task_runs/count", json={}).json())
+
+
+def run_fanout(stack: LocalStack, tmp_path: Path, *args: str) -> tuple[subprocess.CompletedProcess[str], dict]:
+    out = tmp_path / "summary.json"
+    proc = stack.run_flow([*args, "--json", str(out)], timeout=600)
+    summary = json.loads(out.read_text()) if out.exists() else {}
+    return proc, summary
+
+
+def light_workers(stack: LocalStack) -> dict[str, str]:
+    return {w.client_id: w.name for w in stack.workers() if "light" in w.name}
+
+
+def test_fanout_200_items_over_3_workers(stack: LocalStack, tmp_path: Path) -> None:
+    proc, s = run_fanout(stack, tmp_path, "--items", "200", "--chunk-size", "2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    # every result correct, every item exactly once
+    items = [r["item"] for r in s["results"]]
+    assert sorted(items) == list(range(200))
+    for r in s["results"]:
+        expected = workload.checksum_item(r["item"])
+        assert {k: r[k] for k in expected} == expected
+    assert s["failed"] == {}
+
+    # every light worker handled a share, and only light workers did
+    per_worker = s["per_worker"]
+    assert set(per_worker) == set(light_workers(stack)), per_worker
+    assert all(n > 0 for n in per_worker.values()), per_worker
+    assert sum(per_worker.values()) == 200
+
+    # Prefect agrees: 100 task runs for this flow run, each completed after one attempt
+    with api(stack) as c:
+        runs = c.post(
+            "/task_runs/filter", json={"flow_runs": {"id": {"any_": [s["flow_run_id"]]}}, "limit": 200}
+        ).json()
+    assert len(runs) == 100
+    assert {r["state"]["type"] for r in runs} == {"COMPLETED"}
+    assert {r["run_count"] for r in runs} == {1}
+
+    # one log line per task run on the worker that ran it
+    logged = sum(w.output().count(" Completed in ") for w in stack.workers() if "light" in w.name)
+    assert logged >= 100
+
+
+def test_heavy_subflow_runs_on_heavy_pool_with_2_processes(stack: LocalStack, tmp_path: Path) -> None:
+    proc, s = run_fanout(
+        stack,
+        tmp_path,
+        "--items",
+        "4",
+        "--heavy-batches",
+        "1",
+        "--heavy-segments",
+        "4",
+        "--heavy-span",
+        "4000",
+        "--compare-serial",
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (heavy,) = s["heavy"]
+    serial = sum(workload.count_primes(p.lo, p.hi) for p in workload.batch_segments(0, 4, 4000))
+    assert heavy["primes"] == serial
+    assert heavy["processes"] == 2
+    assert len(heavy["pids"]) == 2, heavy["pids"]
+    heavy_worker = next(w for w in stack.workers() if "heavy" in w.name)
+    assert heavy["worker"] == heavy_worker.client_id
+    assert heavy_worker.popen.pid not in heavy["pids"]  # real child processes
+    # routing: the light pool never even received the heavy run
+    for w in stack.workers():
+        if "light" in w.name:
+            assert "heavy-0" not in w.output()
+    assert "heavy-0 Completed" in heavy_worker.output()
+
+
+def test_failing_item_is_reported_and_the_rest_complete(stack: LocalStack, tmp_path: Path) -> None:
+    proc, s = run_fanout(stack, tmp_path, "--items", "20", "--chunk-size", "5", "--fail-items", "7", "--timeout", "300")
+    assert proc.returncode == 1
+    assert s["failed"] == {"7": "InjectedFailure: injected failure for item 7"}
+    assert sorted(r["item"] for r in s["results"]) == [i for i in range(20) if i != 7]
+    assert "FAILED item 7: InjectedFailure" in proc.stdout
+
+
+def test_bad_input_fails_clearly_and_creates_no_task_runs(stack: LocalStack, tmp_path: Path) -> None:
+    before = task_run_count(stack)
+    cases = {
+        ("--items", "0"): "items must be >= 1, got 0",
+        ("--items", "-5"): "items must be >= 1, got -5",
+        ("--items", "10", "--chunk-size", "0"): "chunk_size must be >= 1",
+        ("--items", "10", "--chunk-size", "-1"): "chunk_size must be >= 1",
+        ("--items", "10", "--heavy-batches", "-1"): "heavy_batches must be >= 0",
+        ("--items", "10", "--fail-items", "12"): "fail_items must be item ids in [0, 10)",
+        ("--items", "ten"): "invalid int value: 'ten'",
+    }
+    for args, message in cases.items():
+        proc = stack.run_flow(list(args), timeout=120)
+        assert proc.returncode == 2, (args, proc.stdout, proc.stderr)
+        assert message in proc.stderr, (args, proc.stderr)
+    assert task_run_count(stack) == before
+
+
+def test_unknown_pool_is_rejected_by_the_worker(stack: LocalStack) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "flows.worker", "--pool", "gpu"],
+        env=stack.env("bad-worker"),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode != 0
+    assert "unknown pool 'gpu'; known pools: heavy, light" in proc.stderr
+
+
+def test_sigterm_stops_an_idle_worker_cleanly(stack: LocalStack) -> None:
+    w = stack.start_worker("light", limit=2, name="worker-light-extra")
+    w.popen.send_signal(signal.SIGTERM)
+    assert w.popen.wait(timeout=30) == 0
+    assert "Traceback" not in w.output()

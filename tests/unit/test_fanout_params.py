@@ -25,6 +25,7 @@ def test_good_parameters_pass() -> None:
         ({"heavy_segments": 0}, "heavy_segments must be >= 1"),
         ({"heavy_span": 0}, "heavy_span must be >= 1"),
         ({"timeout": 0}, "timeout must be > 0"),
+        ({"heavy_cpus": 0}, "heavy_cpus must be >= 1"),
         ({"fail_items": [10]}, "fail_items must be item ids in [0, 10)"),
     ],
 )

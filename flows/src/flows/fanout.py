@@ -22,13 +22,15 @@ from uuid import UUID
 
 from prefect import flow, get_run_logger
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterId
-from prefect.client.schemas.objects import TaskRun
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, TaskRunFilter, TaskRunFilterId
+from prefect.client.schemas.objects import FlowRun, TaskRun
+from prefect.deployments import run_deployment
 from prefect.runtime import flow_run
 
 from flows.tasks import ChunkFailed, heavy_batch, process_chunk
 
 MAX_AUTO_TASK_RUNS = 100
+CRUNCH_DEPLOYMENT = "crunch/crunch"  # registered by `python -m flows.deploy`
 POLL_PAGE = 200  # the API's default page size
 
 
@@ -49,6 +51,7 @@ def validate(
     heavy_segments: int,
     heavy_span: int,
     timeout: float,
+    heavy_cpus: int | None = None,
 ) -> None:
     """Reject bad parameters, naming them, before anything is submitted."""
     problems = []
@@ -62,6 +65,8 @@ def validate(
         problems.append(f"heavy_segments must be >= 1, got {heavy_segments}")
     if heavy_span < 1:
         problems.append(f"heavy_span must be >= 1, got {heavy_span}")
+    if heavy_cpus is not None and heavy_cpus < 1:
+        problems.append(f"heavy_cpus must be >= 1 (or omitted), got {heavy_cpus}")
     if timeout <= 0:
         problems.append(f"timeout must be > 0, got {timeout}")
     outside = [i for i in fail_items if not 0 <= i < items]
@@ -99,17 +104,22 @@ def _chunks(items: int, size: int) -> list[range]:
     return [range(s, min(s + size, items)) for s in range(0, items, size)]
 
 
-def _poll(client: Any, ids: list[UUID]) -> list[TaskRun]:
-    runs: list[TaskRun] = []
+def _poll(client: Any, ids: list[UUID], flow_runs: bool) -> list[TaskRun] | list[FlowRun]:
+    runs: list[Any] = []
     for i in range(0, len(ids), POLL_PAGE):
         page = ids[i : i + POLL_PAGE]
-        runs += client.read_task_runs(task_run_filter=TaskRunFilter(id=TaskRunFilterId(any_=page)), limit=len(page))
+        if flow_runs:
+            runs += client.read_flow_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=page)), limit=len(page))
+        else:
+            runs += client.read_task_runs(task_run_filter=TaskRunFilter(id=TaskRunFilterId(any_=page)), limit=len(page))
     return runs
 
 
-def wait_for_runs(weights: dict[UUID, int], deadline: float, label: str) -> tuple[dict[UUID, Any], dict[UUID, str]]:
-    """Wait until every run in `weights` (run id -> items it carries) is final or the
-    deadline passes.
+def wait_for_runs(
+    weights: dict[UUID, int], deadline: float, label: str, flow_runs: bool = False
+) -> tuple[dict[UUID, Any], dict[UUID, str]]:
+    """Wait until every task run (or flow run) in `weights` (run id -> items it
+    carries) is final or the deadline passes.
 
     Returns (value of each run that finished: its result or its exception, and the
     reason for each run that did not finish). Logs progress every few seconds.
@@ -124,7 +134,7 @@ def wait_for_runs(weights: dict[UUID, int], deadline: float, label: str) -> tupl
     with get_client(sync_client=True) as client:
         while waiting:
             states: Counter[str] = Counter()
-            for run in _poll(client, list(waiting)):
+            for run in _poll(client, list(waiting), flow_runs):
                 if run.state is None:
                     continue
                 if run.state.is_final():
@@ -141,7 +151,7 @@ def wait_for_runs(weights: dict[UUID, int], deadline: float, label: str) -> tupl
             if not waiting:
                 break
             if now > deadline:
-                for run in _poll(client, list(waiting)):
+                for run in _poll(client, list(waiting), flow_runs):
                     unfinished[run.id] = (
                         f"timed out; task run {run.name} still {run.state.name if run.state else 'unknown'}"
                     )
@@ -160,12 +170,18 @@ def fanout(
     heavy_segments: int = 8,
     heavy_span: int = 40_000,
     compare_serial: bool = False,
+    heavy_cpus: int | None = None,
+    heavy_memory: str = "1Gi",
     timeout: float = 1800.0,
 ) -> FanoutSummary:
-    """Fan `items` light items out to the light pool (and `heavy_batches` heavy batches
-    to the heavy pool), wait for all of them, and account for every item."""
+    """Fan `items` light items out to the light pool and `heavy_batches` heavy batches to
+    the heavy pool, wait for all of them, and account for every item.
+
+    With `heavy_cpus`, heavy batches instead run as the `crunch` deployment, each in its
+    own flow-run pod with that many CPUs (and `heavy_memory`) requested and limited.
+    """
     fail_items = list(fail_items or [])
-    validate(items, chunk_size, fail_items, heavy_batches, heavy_segments, heavy_span, timeout)
+    validate(items, chunk_size, fail_items, heavy_batches, heavy_segments, heavy_span, timeout, heavy_cpus)
     logger = get_run_logger()
     t0 = time.monotonic()
     size = chunk_size or auto_chunk_size(items)
@@ -176,7 +192,21 @@ def fanout(
     heavy_unsubmitted: dict[int, str] = {}
     for b in range(heavy_batches):
         try:
-            heavy[heavy_batch.delay(b, heavy_segments, heavy_span, compare_serial).task_run_id] = b
+            if heavy_cpus:
+                run = run_deployment(
+                    CRUNCH_DEPLOYMENT,
+                    parameters={"batch": b, "segments": heavy_segments, "span": heavy_span},
+                    job_variables={
+                        "cpu_request": str(heavy_cpus),
+                        "cpu_limit": str(heavy_cpus),
+                        "memory_request": heavy_memory,
+                        "memory_limit": heavy_memory,
+                    },
+                    timeout=0,
+                )
+                heavy[run.id] = b
+            else:
+                heavy[heavy_batch.delay(b, heavy_segments, heavy_span, compare_serial).task_run_id] = b
         except Exception as exc:  # noqa: BLE001 - reported, not lost
             heavy_unsubmitted[b] = f"submission failed: {exc}"
 
@@ -209,7 +239,9 @@ def fanout(
             summary.results += value
 
     if heavy:
-        hvalues, hunfinished = wait_for_runs(dict.fromkeys(heavy, 1), deadline, "heavy batches")
+        hvalues, hunfinished = wait_for_runs(
+            dict.fromkeys(heavy, 1), deadline, "heavy batches", flow_runs=bool(heavy_cpus)
+        )
         for run_id, b in heavy.items():
             value = hvalues.get(run_id)
             if run_id in hunfinished or isinstance(value, BaseException):
@@ -267,6 +299,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--heavy-segments", type=int, default=8, help="segments per heavy batch")
     p.add_argument("--heavy-span", type=int, default=40_000, help="integers per segment")
     p.add_argument("--compare-serial", action="store_true", help="also time each heavy batch serially")
+    p.add_argument(
+        "--heavy-cpus",
+        type=int,
+        default=None,
+        help=f"run heavy batches as the {CRUNCH_DEPLOYMENT} deployment in pods of this many CPUs",
+    )
+    p.add_argument("--heavy-memory", default="1Gi", help="memory request/limit of those pods")
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds to wait for all results")
     p.add_argument("--json", metavar="FILE", help="write the full summary (with every result) as JSON")
     return p
@@ -287,12 +326,13 @@ def main(argv: list[str] | None = None) -> None:
         heavy_segments=args.heavy_segments,
         heavy_span=args.heavy_span,
         timeout=args.timeout,
+        heavy_cpus=args.heavy_cpus,
     )
     try:
         validate(**params)
     except ValueError as exc:
         parser.error(str(exc))
-    summary = fanout(**params, compare_serial=args.compare_serial)
+    summary = fanout(**params, compare_serial=args.compare_serial, heavy_memory=args.heavy_memory)
     print(format_summary(summary), flush=True)
     if args.json:
         data = dataclasses.asdict(summary) | {

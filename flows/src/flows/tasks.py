@@ -96,31 +96,31 @@ def count_segment(lo: int, hi: int) -> dict[str, Any]:
     return {"primes": primes, "pid": os.getpid(), "seconds": time.perf_counter() - t0}
 
 
-@flow(name="crunch")
-def crunch(batch: int, segments: int, span: int) -> dict[str, Any]:
-    """The CPU-heavy subflow: all segments of one batch over the flow's task runner."""
+@flow(name="crunch", persist_result=True, result_storage=result_storage())
+def crunch(batch: int, segments: int, span: int, processes: int | None = None) -> dict[str, Any]:
+    """The CPU-heavy subflow: all segments of one batch on a process pool.
+
+    The result is persisted to shared storage so that a parent can read it when this
+    runs as a deployment in another pod. The pool is sized here, when the flow runs,
+    from the CPUs of the process that runs it (a heavy worker, or a large flow-run pod
+    started with bigger `job_variables`), never from the node's CPU count. `processes`
+    overrides that, e.g. 1 for a baseline.
+    """
+    n = processes or available_cpus()
     t0 = time.perf_counter()
     parts = workload.batch_segments(batch, segments, span)
-    futures = count_segment.map([p.lo for p in parts], [p.hi for p in parts])
-    done = [f.result() for f in futures]
+    with ProcessPoolTaskRunner(max_workers=n) as runner:
+        futures = [runner.submit(count_segment, {"lo": p.lo, "hi": p.hi}) for p in parts]
+        done = [f.result() for f in futures]
     return {
         "batch": batch,
         "primes": sum(d["primes"] for d in done),
+        "processes": n,
+        "worker": worker_id(),
         "pids": sorted({d["pid"] for d in done}),
         "busy_seconds": sum(d["seconds"] for d in done),
         "seconds": time.perf_counter() - t0,
     }
-
-
-def run_crunch(batch: int, segments: int, span: int, processes: int | None = None) -> dict[str, Any]:
-    """Run `crunch` on a process pool sized to the CPUs this process really has.
-
-    The pool is built per call (not at import) because the CPU quota belongs to the
-    process that runs the flow, e.g. a large pod, not to the one that imported it.
-    """
-    n = processes or available_cpus()
-    result = crunch.with_options(task_runner=ProcessPoolTaskRunner(max_workers=n))(batch, segments, span)
-    return {**result, "processes": n}
 
 
 @task(
@@ -136,8 +136,7 @@ def heavy_batch(batch: int, segments: int, span: int, compare_serial: bool = Fal
     With `compare_serial` it also runs the same batch serially in this process, so the
     speed-up is measured on the same machine in the same run.
     """
-    result = run_crunch(batch, segments, span)
-    result["worker"] = worker_id()
+    result = crunch(batch, segments, span)
     if compare_serial:
         t0 = time.perf_counter()
         serial = sum(workload.count_primes(p.lo, p.hi) for p in workload.batch_segments(batch, segments, span))

@@ -1,8 +1,9 @@
 """Task-worker entry point: `python -m flows.worker --pool light`.
 
-Serves exactly the tasks of one pool (see `flows.tasks.POOLS`) with a concurrency
-limit, logs one line per task run, and answers Kubernetes probes on `/healthz`
-(alive and subscribed) and `/status` (JSON) at a configurable address.
+Serves exactly the tasks of one pool (see `flows.tasks.POOLS`, or `--tasks
+module:task,...` for your own) with a concurrency limit, logs one line per task run,
+and answers Kubernetes probes on `/healthz` (alive and subscribed) and `/status`
+(JSON) at a configurable address.
 
 It differs from Prefect's stock `TaskWorker` in one deliberate way: it takes a slot
 *before* it reads the next run from the server, and acks only then. Prefect's worker
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib
 import json
 import logging
 import os
@@ -27,6 +29,7 @@ from typing import Any
 import anyio
 import orjson
 import websockets.exceptions
+from prefect import Task
 from prefect.client.schemas.objects import TaskRun
 from prefect.client.subscriptions import Subscription
 from prefect.settings import get_current_settings
@@ -156,6 +159,11 @@ def build_parser() -> argparse.ArgumentParser:
     env = os.environ.get
     p = argparse.ArgumentParser(prog="python -m flows.worker", description=__doc__.split("\n")[0])
     p.add_argument("--pool", default=env("FANOUT_POOL", "light"), help=f"one of: {', '.join(sorted(POOLS))}")
+    p.add_argument(
+        "--tasks",
+        default=env("FANOUT_TASKS", ""),
+        help="comma-separated module:task references to serve instead of the pool's own tasks",
+    )
     p.add_argument("--limit", type=int, default=int(env("FANOUT_WORKER_LIMIT", "10")), help="task runs at once")
     p.add_argument("--health-host", default=env("FANOUT_HEALTH_HOST", "127.0.0.1"), help="probe address")
     p.add_argument("--health-port", type=int, default=int(env("FANOUT_HEALTH_PORT", "8080")), help="probe port")
@@ -178,8 +186,23 @@ def configure_logging() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
-async def run(args: argparse.Namespace) -> None:
-    worker = FanoutWorker(*pool_tasks(args.pool), limit=args.limit, pool=args.pool)
+def load_tasks(refs: str) -> list[Task[..., Any]]:
+    """Tasks named `module:attribute`, for pools of your own tasks (same image everywhere)."""
+    tasks: list[Task[..., Any]] = []
+    for ref in filter(None, (r.strip() for r in refs.split(","))):
+        module, _, attr = ref.partition(":")
+        try:
+            obj = getattr(importlib.import_module(module), attr)
+        except (ImportError, AttributeError) as exc:
+            raise ValueError(f"--tasks: cannot load {ref!r}: {exc}") from None
+        if not isinstance(obj, Task):
+            raise ValueError(f"--tasks: {ref!r} is not a Prefect task")
+        tasks.append(obj)
+    return tasks
+
+
+async def run(args: argparse.Namespace, tasks: list[Task[..., Any]]) -> None:
+    worker = FanoutWorker(*tasks, limit=args.limit, pool=args.pool)
     health = serve_health(worker, args.health_host, args.health_port)
     log.info("health endpoint on http://%s:%d/healthz", *health.server_address[:2])
     try:
@@ -191,12 +214,14 @@ async def run(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.pool not in POOLS:
-        parser.error(f"unknown pool {args.pool!r}; known pools: {', '.join(sorted(POOLS))}")
+    try:
+        tasks = load_tasks(args.tasks) if args.tasks.strip() else pool_tasks(args.pool)
+    except ValueError as exc:
+        parser.error(str(exc))
     if args.limit < 1:
         parser.error(f"--limit must be >= 1, got {args.limit}")
     configure_logging()
-    asyncio.run(run(args))
+    asyncio.run(run(args, tasks))
 
 
 if __name__ == "__main__":

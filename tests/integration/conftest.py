@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
 from flows.local import LocalStack
 
 DATABASE = os.environ.get("FANOUT_TEST_DATABASE", "auto")

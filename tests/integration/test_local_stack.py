@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import httpx
+
 from flows import workload
 from flows.local import LocalStack
 

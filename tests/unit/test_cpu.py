@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+
 from flows.cpu import available_cpus, cgroup_cpu_limit
 
 

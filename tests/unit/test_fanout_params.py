@@ -5,6 +5,7 @@ from __future__ import annotations
 import pickle
 
 import pytest
+
 from flows.fanout import FanoutSummary, _chunks, auto_chunk_size, format_summary, validate
 from flows.tasks import POOLS, ChunkFailed, pool_tasks
 

@@ -6,6 +6,7 @@ import hashlib
 import itertools
 
 import pytest
+
 from flows import workload
 
 

@@ -1,7 +1,7 @@
 """`make run`: the whole stack on this machine, one demo fan-out, then everything stopped.
 
 Starts a database (PostgreSQL when installed, else SQLite), a Prefect server, two light
-task workers and one heavy task worker, runs the parent flow as its own process, and
+task workers, one heavy task worker and the reaper, runs the parent flow as its own process, and
 prints how many items each worker process handled and the heavy subflow's speed-up.
 """
 
@@ -37,6 +37,7 @@ def main(argv: list[str] | None = None) -> None:
         for _ in range(args.light_workers):
             stack.start_worker("light", limit=8, wait=False)
         stack.start_worker("heavy", limit=1, wait=False)
+        stack.start_reaper(interval=5, stale_after=30)
         for w in stack.workers():
             stack.wait_healthy(w)
         print(f"workers: {', '.join(f'{w.name} ({w.client_id})' for w in stack.workers())}", flush=True)

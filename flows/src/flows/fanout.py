@@ -26,7 +26,9 @@ from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, TaskR
 from prefect.client.schemas.objects import FlowRun, TaskRun
 from prefect.deployments import run_deployment
 from prefect.runtime import flow_run
+from prefect.variables import Variable
 
+from flows.liveness import recovered_name
 from flows.tasks import ChunkFailed, heavy_batch, process_chunk
 
 MAX_AUTO_TASK_RUNS = 100
@@ -52,6 +54,8 @@ def validate(
     heavy_span: int,
     timeout: float,
     heavy_cpus: int | None = None,
+    item_sleep: float = 0.0,
+    crash_items: list[int] | None = None,
 ) -> None:
     """Reject bad parameters, naming them, before anything is submitted."""
     problems = []
@@ -69,9 +73,12 @@ def validate(
         problems.append(f"heavy_cpus must be >= 1 (or omitted), got {heavy_cpus}")
     if timeout <= 0:
         problems.append(f"timeout must be > 0, got {timeout}")
-    outside = [i for i in fail_items if not 0 <= i < items]
-    if outside:
-        problems.append(f"fail_items must be item ids in [0, {items}), got {outside[:5]}")
+    if item_sleep < 0:
+        problems.append(f"item_sleep must be >= 0, got {item_sleep}")
+    for name, ids in (("fail_items", fail_items), ("crash_items", crash_items or [])):
+        outside = [i for i in ids if not 0 <= i < items]
+        if outside:
+            problems.append(f"{name} must be item ids in [0, {items}), got {outside[:5]}")
     if problems:
         raise ValueError("invalid fanout parameters: " + "; ".join(problems))
 
@@ -89,6 +96,7 @@ class FanoutSummary:
     per_worker: dict[str, int] = field(default_factory=dict)
     heavy: list[dict[str, Any]] = field(default_factory=list)
     heavy_failed: dict[int, str] = field(default_factory=dict)
+    redelivered: int = 0  # task runs the reaper had to schedule again (a worker died, a server restarted)
     seconds: float = 0.0
 
     @property
@@ -115,50 +123,78 @@ def _poll(client: Any, ids: list[UUID], flow_runs: bool) -> list[TaskRun] | list
     return runs
 
 
-def wait_for_runs(
-    weights: dict[UUID, int], deadline: float, label: str, flow_runs: bool = False
-) -> tuple[dict[UUID, Any], dict[UUID, str]]:
-    """Wait until every task run (or flow run) in `weights` (run id -> items it
-    carries) is final or the deadline passes.
+@dataclass
+class Waited:
+    """Outcome of waiting for a set of runs."""
 
-    Returns (value of each run that finished: its result or its exception, and the
-    reason for each run that did not finish). Logs progress every few seconds.
+    values: dict[UUID, Any] = field(default_factory=dict)  # result, or the exception it failed with
+    unfinished: dict[UUID, str] = field(default_factory=dict)  # why it has no value
+
+
+def _value(state: Any) -> Any:
+    try:
+        return state.result(raise_on_failure=False)
+    except Exception as exc:  # noqa: BLE001 - an unreadable result is a failure of that run
+        return exc
+
+
+def wait_for_runs(weights: dict[UUID, int], deadline: float, label: str, flow_runs: bool = False) -> Waited:
+    """Wait until every task run (or flow run) in `weights` (run id -> items it
+    carries) is final or the deadline passes; logs progress every few seconds.
+
+    The server may be away for a while (restart, rollout): polling errors are logged
+    and polling goes on until the deadline.
     """
     logger = get_run_logger()
-    values: dict[UUID, Any] = {}
-    unfinished: dict[UUID, str] = {}
+    out = Waited()
     waiting = set(weights)
     total = sum(weights.values())
     last_log = 0.0
     interval = 0.2
+    last: dict[UUID, str] = {}
     with get_client(sync_client=True) as client:
         while waiting:
             states: Counter[str] = Counter()
-            for run in _poll(client, list(waiting), flow_runs):
+            try:
+                runs = _poll(client, list(waiting), flow_runs)
+            except Exception as exc:  # noqa: BLE001 - keep waiting; the deadline bounds it
+                runs = []
+                states["unreachable"] = len(waiting)
+                if time.monotonic() - last_log > 2:
+                    logger.warning("%s: cannot read run states (%s); still waiting", label, exc)
+            for run in runs:
                 if run.state is None:
                     continue
+                last[run.id] = f"task run {run.name} still {run.state.name}"
                 if run.state.is_final():
-                    values[run.id] = run.state.result(raise_on_failure=False)
+                    out.values[run.id] = _value(run.state)
                     waiting.discard(run.id)
                 else:
                     states[run.state.name] += 1
             now = time.monotonic()
             if not waiting or now - last_log > 2:
-                done = sum(weights[r] for r in values)
+                done = sum(weights[r] for r in out.values)
                 busy = ", ".join(f"{n} {s.lower()}" for s, n in sorted(states.items())) or "none left"
-                logger.info("%s: %d/%d done; task runs waiting: %s", label, done, total, busy)
+                logger.info("%s: %d/%d done; runs waiting: %s", label, done, total, busy)
                 last_log = now
-            if not waiting:
-                break
-            if now > deadline:
-                for run in _poll(client, list(waiting), flow_runs):
-                    unfinished[run.id] = (
-                        f"timed out; task run {run.name} still {run.state.name if run.state else 'unknown'}"
-                    )
+            if waiting and now > deadline:
+                out.unfinished = {r: f"timed out; {last.get(r, 'run state unknown')}" for r in waiting}
                 break
             time.sleep(interval)
             interval = min(1.0, interval * 1.5)
-    return values, unfinished
+    return out
+
+
+def recovered_runs(flow_run_id: str) -> int:
+    """How many of this flow run's task runs the reaper scheduled again (flows.reaper)."""
+    try:
+        name = recovered_name(flow_run_id)
+        count = int(Variable.get(name, default=0))
+        if count:
+            Variable.unset(name)
+        return count
+    except Exception:  # noqa: BLE001 - a statistic; never fail the flow for it
+        return -1
 
 
 @flow(name="fanout")
@@ -172,6 +208,8 @@ def fanout(
     compare_serial: bool = False,
     heavy_cpus: int | None = None,
     heavy_memory: str = "1Gi",
+    item_sleep: float = 0.0,
+    crash_items: list[int] | None = None,
     timeout: float = 1800.0,
 ) -> FanoutSummary:
     """Fan `items` light items out to the light pool and `heavy_batches` heavy batches to
@@ -181,12 +219,24 @@ def fanout(
     own flow-run pod with that many CPUs (and `heavy_memory`) requested and limited.
     """
     fail_items = list(fail_items or [])
-    validate(items, chunk_size, fail_items, heavy_batches, heavy_segments, heavy_span, timeout, heavy_cpus)
+    validate(
+        items=items,
+        chunk_size=chunk_size,
+        fail_items=fail_items,
+        heavy_batches=heavy_batches,
+        heavy_segments=heavy_segments,
+        heavy_span=heavy_span,
+        timeout=timeout,
+        heavy_cpus=heavy_cpus,
+        item_sleep=item_sleep,
+        crash_items=list(crash_items or []),
+    )
     logger = get_run_logger()
     t0 = time.monotonic()
     size = chunk_size or auto_chunk_size(items)
     summary = FanoutSummary(items=items, chunk_size=size, task_runs=0, flow_run_id=str(flow_run.id))
     fail = set(fail_items)
+    crash = set(crash_items or ())
 
     heavy: dict[UUID, int] = {}
     heavy_unsubmitted: dict[int, str] = {}
@@ -213,8 +263,9 @@ def fanout(
     pending: dict[UUID, range] = {}  # task run -> the items it carries
     for rng in _chunks(items, size):
         mine = [i for i in rng if i in fail] or None
+        kill = [i for i in rng if i in crash] or None
         try:
-            fut = process_chunk.delay(rng.start, rng.stop, mine)
+            fut = process_chunk.delay(rng.start, rng.stop, mine, item_sleep, kill)
         except Exception as exc:  # noqa: BLE001 - reported, not lost
             summary.failed.update({i: f"submission failed: {exc}" for i in rng})
             continue
@@ -225,11 +276,11 @@ def fanout(
     )
 
     deadline = time.monotonic() + timeout
-    values, unfinished = wait_for_runs({r: len(rng) for r, rng in pending.items()}, deadline, "items")
+    waited = wait_for_runs({r: len(rng) for r, rng in pending.items()}, deadline, "items")
     for run_id, rng in pending.items():
-        value = values.get(run_id)
-        if run_id in unfinished:
-            summary.failed.update({i: unfinished[run_id] for i in rng})
+        value = waited.values.get(run_id)
+        if run_id in waited.unfinished:
+            summary.failed.update({i: waited.unfinished[run_id] for i in rng})
         elif isinstance(value, ChunkFailed):
             summary.results += value.results
             summary.failed.update(value.errors)
@@ -239,17 +290,16 @@ def fanout(
             summary.results += value
 
     if heavy:
-        hvalues, hunfinished = wait_for_runs(
-            dict.fromkeys(heavy, 1), deadline, "heavy batches", flow_runs=bool(heavy_cpus)
-        )
+        hwaited = wait_for_runs(dict.fromkeys(heavy, 1), deadline, "heavy batches", flow_runs=bool(heavy_cpus))
         for run_id, b in heavy.items():
-            value = hvalues.get(run_id)
-            if run_id in hunfinished or isinstance(value, BaseException):
-                summary.heavy_failed[b] = hunfinished.get(run_id) or f"{type(value).__name__}: {value}"
+            value = hwaited.values.get(run_id)
+            if run_id in hwaited.unfinished or isinstance(value, BaseException):
+                summary.heavy_failed[b] = hwaited.unfinished.get(run_id) or f"{type(value).__name__}: {value}"
             else:
                 summary.heavy.append(value)
     summary.heavy_failed.update(heavy_unsubmitted)
 
+    summary.redelivered = recovered_runs(str(flow_run.id))
     summary.results.sort(key=lambda r: r["item"])
     summary.per_worker = dict(Counter(r["worker"] for r in summary.results))
     summary.seconds = time.monotonic() - t0
@@ -269,7 +319,8 @@ def format_summary(s: FanoutSummary) -> str:
     lines = [
         f"items: {s.completed}/{s.items} completed, {len(s.failed)} failed, "
         f"{s.task_runs} task runs (chunk size {s.chunk_size})",
-        f"wall time: {s.seconds:.1f}s, {s.items_per_second:.1f} items/s",
+        f"wall time: {s.seconds:.1f}s, {s.items_per_second:.1f} items/s, "
+        f"{s.redelivered} task runs delivered again after a worker or server loss",
         "items per worker process:",
     ]
     lines += [f"  {w:<40} {n:>7}" for w, n in sorted(s.per_worker.items())]
@@ -295,6 +346,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--items", type=int, default=1000, help="light items to fan out")
     p.add_argument("--chunk-size", type=int, default=None, help="items per task run (default: automatic)")
     p.add_argument("--fail-items", default="", help="comma-separated item ids that raise (error-path demo)")
+    p.add_argument("--item-sleep", type=float, default=0.0, help="seconds of simulated I/O per item")
+    p.add_argument("--crash-items", default="", help="comma-separated item ids that kill their worker (recovery demo)")
     p.add_argument("--heavy-batches", type=int, default=0, help="CPU-heavy batches for the heavy pool")
     p.add_argument("--heavy-segments", type=int, default=8, help="segments per heavy batch")
     p.add_argument("--heavy-span", type=int, default=40_000, help="integers per segment")
@@ -316,8 +369,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         fail_items = [int(x) for x in args.fail_items.split(",") if x.strip()]
+        crash_items = [int(x) for x in args.crash_items.split(",") if x.strip()]
     except ValueError:
-        parser.error(f"--fail-items must be comma-separated integers, got {args.fail_items!r}")
+        parser.error("--fail-items and --crash-items take comma-separated integers")
     params = dict(
         items=args.items,
         chunk_size=args.chunk_size,
@@ -327,6 +381,8 @@ def main(argv: list[str] | None = None) -> None:
         heavy_span=args.heavy_span,
         timeout=args.timeout,
         heavy_cpus=args.heavy_cpus,
+        item_sleep=args.item_sleep,
+        crash_items=crash_items,
     )
     try:
         validate(**params)

@@ -210,10 +210,13 @@ class LocalStack:
 
     # -- server and workers ----------------------------------------------------------
     def start_server(self, timeout: float = 90) -> Proc:
-        port = free_port()
+        self._database_url()
+        return self._spawn_server(free_port(), timeout)
+
+    def _spawn_server(self, port: int, timeout: float) -> Proc:
         env = self.env(
             "server",
-            PREFECT_API_DATABASE_CONNECTION_URL=self._database_url(),
+            PREFECT_API_DATABASE_CONNECTION_URL=self.db_url,
             PREFECT_SERVER_LOGGING_LEVEL="WARNING",
             PREFECT_UI_ENABLED="true" if self.ui else "false",
         )
@@ -266,6 +269,20 @@ class LocalStack:
     def wait_healthy(self, worker: Proc, timeout: float = 90) -> None:
         """Until the worker's /healthz says it is subscribed to the server."""
         wait_until(lambda: http_ok(f"http://127.0.0.1:{worker.port}/healthz"), timeout, worker.name, worker.popen)
+
+    def start_reaper(self, interval: float = 2.0, stale_after: float = 8.0, max_deliveries: int = 3) -> Proc:
+        """The reaper (`python -m flows.reaper`), with short timings for a local demo/test."""
+        argv = [sys.executable, "-m", "flows.reaper", "--interval", str(interval), "--stale-after",
+                str(stale_after), "--max-deliveries", str(max_deliveries)]  # fmt: skip
+        return self.spawn("reaper", argv, self.env("reaper"))
+
+    def restart_server(self, timeout: float = 90) -> Proc:
+        """Stop the Prefect server and start it again on the same port and database, as a
+        pod restart would: whatever it held only in memory (its task-run queue) is gone."""
+        old = next(p for p in self.procs if p.name == "server")
+        old.stop()
+        self.procs.remove(old)
+        return self._spawn_server(old.port, timeout)
 
     def run_flow(self, args: list[str], timeout: float = 900, capture: bool = True) -> subprocess.CompletedProcess[str]:
         """Run the parent flow (`python -m flows.fanout ARGS`) as a separate submitter

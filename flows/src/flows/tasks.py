@@ -66,18 +66,32 @@ class ChunkFailed(Exception):
     on_completion=[_log_finished],
     on_failure=[_log_finished],
 )
-def process_chunk(start: int, stop: int, fail_items: list[int] | None = None) -> list[dict[str, Any]]:
+def process_chunk(
+    start: int,
+    stop: int,
+    fail_items: list[int] | None = None,
+    sleep_s: float = 0.0,
+    crash_items: list[int] | None = None,
+) -> list[dict[str, Any]]:
     """Light work: checksum items start..stop-1, each independently.
 
     One bad item must not sink its neighbours: every item is tried, and if any raised
-    the run fails with ChunkFailed holding the others' results.
+    the run fails with ChunkFailed holding the others' results. `sleep_s` adds per-item
+    latency (standing in for I/O); `fail_items` raise and `crash_items` kill the worker
+    process outright (like the OOM killer) to exercise error handling and recovery.
     """
     me = worker_id()
     fail = set(fail_items or ())
+    crash = set(crash_items or ())
     results: list[dict[str, Any]] = []
     errors: dict[int, str] = {}
     for item in range(start, stop):
+        if item in crash:
+            log.error("item %d: killing this worker process (crash_items)", item)
+            os._exit(137)
         try:
+            if sleep_s:
+                time.sleep(sleep_s)
             if item in fail:
                 raise workload.InjectedFailure(f"injected failure for item {item}")
             results.append({**workload.checksum_item(item), "worker": me})

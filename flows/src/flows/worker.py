@@ -23,6 +23,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -34,7 +35,9 @@ from prefect.client.schemas.objects import TaskRun
 from prefect.client.subscriptions import Subscription
 from prefect.settings import get_current_settings
 from prefect.task_worker import TaskWorker
+from prefect.variables import Variable
 
+from flows.liveness import Heartbeat, variable_name
 from flows.tasks import POOLS, pool_tasks
 
 log = logging.getLogger("flows.worker")
@@ -54,6 +57,7 @@ class FanoutWorker(TaskWorker):
         self.connected = False
         self._intake: anyio.CancelScope | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._free_since: float | None = None
 
     def handle_sigterm(self, signum: int, frame: object) -> None:  # overrides Prefect's exit-at-once
         if self.stopping:
@@ -93,7 +97,11 @@ class FanoutWorker(TaskWorker):
         self.connected = False
         if sub._websocket is not None:
             await sub._websocket.close()
-        # Returning lets TaskWorker.__aexit__ wait for the runs in flight.
+        # Every acked run holds a slot until it is finished. Wait for all of them here:
+        # TaskWorker.__aexit__ shuts its thread pool down before it waits for its task
+        # group, which would fail a run that was acked but not yet handed to a thread.
+        while self._limiter.borrowed_tokens:
+            await asyncio.sleep(0.1)
 
     async def _receive(self, sub: Subscription[TaskRun]) -> TaskRun:
         """Next run from the server, acked; reconnects while the server is away."""
@@ -114,6 +122,43 @@ class FanoutWorker(TaskWorker):
                 sub._websocket = None
                 await asyncio.sleep(0.5)
 
+    def in_flight(self) -> set[str]:
+        return {str(run) for runs in self.in_flight_task_runs.values() for run in runs}
+
+    def heartbeat(self) -> Heartbeat:
+        """What this worker holds right now, for the reaper (see flows.liveness)."""
+        now = time.time()
+        if not self.stopping and len(self.in_flight()) < (self.limit or 0):
+            self._free_since = self._free_since or now
+        else:
+            self._free_since = None
+        return Heartbeat(
+            client_id=self.client_id,
+            pool=self.pool,
+            task_keys=frozenset(self.task_keys),
+            runs=frozenset(self.in_flight()),
+            limit=self.limit or 0,
+            free_since=self._free_since,
+            ts=now,
+        )
+
+    async def heartbeat_loop(self, interval: float) -> None:
+        """Publish the heartbeat every `interval` seconds until cancelled."""
+        name = variable_name(self.client_id)
+        while True:
+            try:
+                await Variable.aset(name, self.heartbeat().to_value(), overwrite=True)
+            except Exception as exc:  # noqa: BLE001 - the server may be restarting; try again
+                log.warning("heartbeat not published: %s", exc)
+            await asyncio.sleep(interval)
+
+    async def clear_heartbeat(self) -> None:
+        """A worker that exits cleanly holds nothing: remove its heartbeat."""
+        try:
+            await Variable.aunset(variable_name(self.client_id))
+        except Exception as exc:  # noqa: BLE001 - the reaper expires it anyway
+            log.warning("heartbeat not removed: %s", exc)
+
     def status(self) -> dict[str, Any]:
         """What `/status` reports."""
         return {
@@ -122,7 +167,7 @@ class FanoutWorker(TaskWorker):
             "connected": self.connected,
             "stopping": self.stopping,
             "limit": self.limit,
-            "running": self.current_tasks,
+            "running": len(self.in_flight()),
             "finished": sum(self.finished_task_runs.values()),
         }
 
@@ -165,6 +210,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="comma-separated module:task references to serve instead of the pool's own tasks",
     )
     p.add_argument("--limit", type=int, default=int(env("FANOUT_WORKER_LIMIT", "10")), help="task runs at once")
+    p.add_argument(
+        "--heartbeat",
+        type=float,
+        default=float(env("FANOUT_HEARTBEAT_SECONDS", "5")),
+        help="seconds between heartbeats (what the reaper sees)",
+    )
     p.add_argument("--health-host", default=env("FANOUT_HEALTH_HOST", "127.0.0.1"), help="probe address")
     p.add_argument("--health-port", type=int, default=int(env("FANOUT_HEALTH_PORT", "8080")), help="probe port")
     return p
@@ -205,10 +256,14 @@ async def run(args: argparse.Namespace, tasks: list[Task[..., Any]]) -> None:
     worker = FanoutWorker(*tasks, limit=args.limit, pool=args.pool)
     health = serve_health(worker, args.health_host, args.health_port)
     log.info("health endpoint on http://%s:%d/healthz", *health.server_address[:2])
+    beat = asyncio.create_task(worker.heartbeat_loop(args.heartbeat))
     try:
-        await worker.astart()
+        await worker.astart()  # returns once drained
     finally:
+        beat.cancel()
+        await worker.clear_heartbeat()
         health.shutdown()
+    log.info("worker %s stopped after %d task runs", worker.client_id, sum(worker.finished_task_runs.values()))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,0 +1,75 @@
+"""Worker heartbeats: how the reaper knows which worker holds which task run.
+
+Prefect does not record which task worker is running a background task run, and a
+worker that dies leaves its runs Pending/Running forever. Each of our workers therefore
+publishes a heartbeat every few seconds as a Prefect Variable (stored in the server's
+database, so it survives server restarts and needs no extra infrastructure):
+
+    fanout-worker-<client id>  ->  {"client_id", "pool", "task_keys", "runs",
+                                    "limit", "free_since", "ts"}
+
+`runs` are the task runs it holds; `free_since` is since when it has continuously had a
+free slot (None while full). Times are UNIX seconds of the writer's clock.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+PREFIX = "fanout-worker-"
+RECOVERED_PREFIX = "fanout-recovered-"
+
+
+def variable_name(client_id: str) -> str:
+    """Variable names allow letters, digits, dashes and underscores only."""
+    return PREFIX + re.sub(r"[^a-z0-9_-]", "-", client_id.lower())[:200]
+
+
+def recovered_name(flow_run_id: object) -> str:
+    """The reaper counts the runs it scheduled again per parent flow run here."""
+    return f"{RECOVERED_PREFIX}{flow_run_id}"
+
+
+@dataclass(frozen=True)
+class Heartbeat:
+    """One worker's last word."""
+
+    client_id: str
+    pool: str
+    task_keys: frozenset[str]
+    runs: frozenset[str]
+    limit: int
+    free_since: float | None
+    ts: float
+
+    @classmethod
+    def from_value(cls, value: dict[str, Any]) -> Heartbeat:
+        return cls(
+            client_id=str(value["client_id"]),
+            pool=str(value.get("pool", "")),
+            task_keys=frozenset(value.get("task_keys", ())),
+            runs=frozenset(value.get("runs", ())),
+            limit=int(value.get("limit", 0)),
+            free_since=value.get("free_since"),
+            ts=float(value["ts"]),
+        )
+
+    def to_value(self) -> dict[str, Any]:
+        return {
+            "client_id": self.client_id,
+            "pool": self.pool,
+            "task_keys": sorted(self.task_keys),
+            "runs": sorted(self.runs),
+            "limit": self.limit,
+            "free_since": self.free_since,
+            "ts": self.ts,
+        }
+
+    def alive(self, now: float, stale_after: float) -> bool:
+        return now - self.ts < stale_after
+
+    def idle_for(self, now: float) -> float:
+        """Seconds it has had a free slot without interruption (0 when full)."""
+        return 0.0 if self.free_since is None else max(0.0, now - self.free_since)

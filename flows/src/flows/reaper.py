@@ -1,0 +1,221 @@
+"""The reaper: no background task run is left behind by a dead worker or a restarted server.
+
+Stock Prefect delivers a background task run at most once: a worker that dies (OOM,
+eviction, `kubectl delete pod --force`, node loss) leaves its runs Pending/Running for
+good, and a server restart forgets every run still in its in-memory queue. The reaper
+sweeps every few seconds and fixes both, using the workers' heartbeats (flows.liveness):
+
+- orphaned: a run of our task keys is Pending/Running, no live worker lists it, and its
+  state is older than `stale_after`  ->  scheduled again (state "Redelivered"), so a live
+  worker runs it.
+- lost: a run is Scheduled for longer than `stale_after`, no live worker lists it, and a
+  live worker serving its task key has had a free slot for longer than that, which
+  cannot happen while the run is in the server's queue  ->  enqueued again (state
+  "Requeued"). This covers a restarted server's forgotten queue, and a worker killed
+  before its run's Running state reached the server.
+
+After `max_deliveries` deliveries a run is failed as poison instead: an item that kills
+every worker it lands on must not take the whole pool down.
+
+Both transitions keep the run's parameters (`task_parameters_id`) so the new worker
+reads the same inputs. Prefect's own rule against PENDING -> PENDING makes a second
+delivery of a run already picked up abort instead of running twice.
+
+Run it as `python -m flows.reaper` (one replica is enough; two are harmless).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from prefect.client.orchestration import SyncPrefectClient, get_client
+from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterState, TaskRunFilterStateType
+from prefect.client.schemas.objects import StateType, TaskRun
+from prefect.states import Failed, Scheduled
+from prefect.variables import Variable
+
+from flows.liveness import PREFIX, Heartbeat, recovered_name
+from flows.tasks import POOLS
+
+log = logging.getLogger("flows.reaper")
+PAGE = 200
+
+
+@dataclass
+class Sweep:
+    """What one sweep did, for logs and tests."""
+
+    live_workers: int = 0
+    redelivered: list[str] = field(default_factory=list)
+    requeued: list[str] = field(default_factory=list)
+    poisoned: list[str] = field(default_factory=list)
+    expired_heartbeats: int = 0
+
+
+def all_task_keys() -> set[str]:
+    return {t.task_key for tasks in POOLS.values() for t in tasks}
+
+
+class Reaper:
+    def __init__(
+        self,
+        client: SyncPrefectClient,
+        task_keys: Iterable[str],
+        stale_after: float = 30.0,
+        max_deliveries: int = 3,
+    ) -> None:
+        if stale_after <= 0 or max_deliveries < 1:
+            raise ValueError("stale_after must be > 0 and max_deliveries >= 1")
+        self.client = client
+        self.task_keys = set(task_keys)
+        self.stale_after = stale_after
+        self.max_deliveries = max_deliveries
+
+    # -- reading ---------------------------------------------------------------------
+    def heartbeats(self) -> dict[str, tuple[Heartbeat, Any]]:
+        """Every worker heartbeat: variable name -> (heartbeat, variable)."""
+        variables: list[dict[str, Any]] = []
+        while True:
+            body = {"variables": {"name": {"like_": f"{PREFIX}%"}}, "limit": PAGE, "offset": len(variables)}
+            page = self.client.request("POST", "/variables/filter", json=body).json()
+            variables += page
+            if len(page) < PAGE:
+                break
+        beats = {}
+        for var in variables:
+            try:
+                value = var["value"] if isinstance(var["value"], dict) else json.loads(var["value"])
+                beats[var["name"]] = (Heartbeat.from_value(value), var)
+            except (KeyError, TypeError, ValueError):
+                log.warning("ignoring malformed heartbeat %s", var.get("name"))
+        return beats
+
+    def runs_in(self, *types: StateType) -> list[TaskRun]:
+        """Task runs of our task keys in the given state types (all pages)."""
+        found: list[TaskRun] = []
+        offset = 0
+        flt = TaskRunFilter(state=TaskRunFilterState(type=TaskRunFilterStateType(any_=list(types))))
+        while True:
+            page = self.client.read_task_runs(task_run_filter=flt, limit=PAGE, offset=offset)
+            found += [r for r in page if r.task_key in self.task_keys]
+            if len(page) < PAGE:
+                return found
+            offset += PAGE
+
+    # -- acting ----------------------------------------------------------------------
+    def _parameters_id(self, states: list[Any]) -> Any:
+        for st in states:
+            if st.state_details.task_parameters_id:
+                return st.state_details.task_parameters_id
+        return None
+
+    def _recover(self, run: TaskRun, name: str, why: str, out: Sweep) -> None:
+        """Schedule `run` again, or fail it as poison once it has had max_deliveries."""
+        states = self.client.read_task_run_states(run.id)
+        deliveries = 1 + sum(st.name in ("Redelivered", "Requeued") for st in states)
+        if deliveries >= self.max_deliveries:
+            reason = (
+                f"poison: delivered {deliveries} times and never finished ({why}); "
+                f"limit {self.max_deliveries}, not retried again"
+            )
+            self.client.set_task_run_state(run.id, Failed(message=reason), force=True)
+            out.poisoned.append(str(run.id))
+            log.warning("%s %s: %s", run.name, run.id, reason)
+            return
+        state = Scheduled(
+            name=name,
+            message=f"{why} (delivery {deliveries + 1})",
+            state_details={"deferred": True, "task_parameters_id": self._parameters_id(states)},
+        )
+        if self.client.set_task_run_state(run.id, state, force=True).status.value == "ACCEPT":
+            (out.redelivered if name == "Redelivered" else out.requeued).append(str(run.id))
+            if run.flow_run_id:
+                ledger = recovered_name(run.flow_run_id)
+                Variable.set(ledger, int(Variable.get(ledger, default=0)) + 1, overwrite=True)
+            log.info("%s %s: %s; %s (delivery %d)", run.name, run.id, why, name.lower(), deliveries + 1)
+
+    def sweep(self, now: float | None = None) -> Sweep:
+        now = time.time() if now is None else now
+        out = Sweep()
+        beats = self.heartbeats()
+        live = [hb for hb, _ in beats.values() if hb.alive(now, self.stale_after)]
+        out.live_workers = len(live)
+        held = {run for hb in live for run in hb.runs}
+
+        def age(run: TaskRun) -> float:
+            return now - run.state.timestamp.timestamp() if run.state else 0.0
+
+        for run in self.runs_in(StateType.PENDING, StateType.RUNNING):
+            if str(run.id) not in held and age(run) > self.stale_after:
+                self._recover(run, "Redelivered", "its worker stopped heartbeating", out)
+
+        # A run whose worker died before its Running state reached the server still
+        # looks Scheduled; so does a run a restarted server forgot. Either way it is not
+        # in the queue if a worker for its key has been free all along.
+        idle_keys = {key for hb in live if hb.idle_for(now) > self.stale_after for key in hb.task_keys}
+        if idle_keys:
+            for run in self.runs_in(StateType.SCHEDULED):
+                if run.task_key in idle_keys and str(run.id) not in held and age(run) > self.stale_after:
+                    self._recover(run, "Requeued", "not delivered while a worker was free", out)
+
+        for name, (hb, _var) in beats.items():
+            if now - hb.ts > 10 * self.stale_after:
+                self.client.request("DELETE", f"/variables/name/{name}")
+                out.expired_heartbeats += 1
+        return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m flows.reaper", description=__doc__.split("\n")[0])
+    p.add_argument("--interval", type=float, default=10.0, help="seconds between sweeps")
+    p.add_argument("--stale-after", type=float, default=30.0, help="heartbeat age that counts as dead")
+    p.add_argument("--max-deliveries", type=int, default=3, help="deliveries before a run is failed as poison")
+    args = p.parse_args(argv)
+    if args.interval <= 0 or args.stale_after <= 0 or args.max_deliveries < 1:
+        p.error("--interval and --stale-after must be > 0, --max-deliveries >= 1")
+    logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    log.setLevel(logging.INFO)
+    stop = False
+
+    def on_signal(signum: int, frame: object) -> None:
+        nonlocal stop
+        stop = True
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    log.info(
+        "reaper: sweep every %.0fs, stale after %.0fs, max %d deliveries",
+        args.interval,
+        args.stale_after,
+        args.max_deliveries,
+    )
+    with get_client(sync_client=True) as client:
+        reaper = Reaper(client, all_task_keys(), args.stale_after, args.max_deliveries)
+        while not stop:
+            try:
+                s = reaper.sweep()
+                if s.redelivered or s.requeued or s.poisoned:
+                    log.info(
+                        "sweep: %d live workers, %d redelivered, %d requeued, %d poisoned",
+                        s.live_workers,
+                        len(s.redelivered),
+                        len(s.requeued),
+                        len(s.poisoned),
+                    )
+            except Exception as exc:  # noqa: BLE001 - the server may be restarting; sweep again
+                log.warning("sweep failed: %s", exc)
+            deadline = time.monotonic() + args.interval
+            while not stop and time.monotonic() < deadline:
+                time.sleep(0.2)
+
+
+if __name__ == "__main__":
+    main()

@@ -63,7 +63,23 @@ test-integration: install ## Integration tests on a real local Prefect server an
 	cd tests && $(PY) -m pytest integration -v
 
 .PHONY: test
-test: lint test-unit test-integration ## Everything that needs no cluster: lint, unit, integration
+test: lint test-unit chart-test test-integration ## Everything that needs no cluster: lint, unit, chart, integration
+
+.PHONY: e2e
+e2e: install cluster images ## The whole stack on a local kind cluster: tools, cluster, images, load, chart e2e tests
+	$(KIND) load docker-image --name $(CLUSTER_NAME) $(RUNTIME_IMAGE) $(POSTGRES_IMAGE)
+	cd tests && KIND=$(KIND) KUBECTL=$(KUBECTL) HELM=$(HELM) CLUSTER_NAME=$(CLUSTER_NAME) \
+	  FANOUT_RUNTIME_IMAGE=$(RUNTIME_IMAGE) $(PY) -m pytest e2e -v $(E2E_ARGS)
+
+# --- benchmark ---------------------------------------------------------------------
+
+.PHONY: bench
+bench: install ## Benchmark our fan-out against Dask, Celery+Redis and a process pool (.bench/: JSON, PNG)
+	@command -v redis-server >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null; \
+	  else echo "error: the Celery peer needs redis-server (apt-get install redis-server)" >&2; exit 1; fi; }
+	cd tests/bench && $(PY) bench.py --out $(CURDIR)/.bench $(BENCH_ARGS)
 
 .PHONY: clean
 clean: ## Remove the virtualenv and caches
@@ -71,3 +87,4 @@ clean: ## Remove the virtualenv and caches
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
 
 -include k8s/cluster.mk
+-include charts/chart.mk

@@ -27,6 +27,9 @@ def test_good_parameters_pass() -> None:
         ({"heavy_span": 0}, "heavy_span must be >= 1"),
         ({"timeout": 0}, "timeout must be > 0"),
         ({"heavy_cpus": 0}, "heavy_cpus must be >= 1"),
+        ({"work": "gpu"}, "work must be one of checksum, cpu, noop, got 'gpu'"),
+        ({"item_sleep": -1}, "item_sleep must be >= 0"),
+        ({"crash_items": [-1]}, "crash_items must be item ids in [0, 10)"),
         ({"fail_items": [10]}, "fail_items must be item ids in [0, 10)"),
     ],
 )

@@ -41,3 +41,11 @@ def test_records_are_deterministic_per_item() -> None:
     assert r["item"] == 3
     assert r["sha256"] == hashlib.sha256(workload.make_record(3)).hexdigest()
     assert 100 < r["mean"] < 155  # uniform bytes average 127.5
+
+
+def test_every_work_function_names_its_item() -> None:
+    for name, fn in workload.WORK.items():
+        assert fn(5)["item"] == 5, name
+    assert workload.noop_item(4)["double"] == 8
+    lo = workload.HEAVY_BASE + 3 * workload.CPU_ITEM_SPAN
+    assert workload.cpu_item(3)["primes"] == workload.count_primes(lo, lo + workload.CPU_ITEM_SPAN)

@@ -28,7 +28,9 @@ from prefect.deployments import run_deployment
 from prefect.runtime import flow_run
 from prefect.variables import Variable
 
+from flows import workload
 from flows.liveness import recovered_name
+from flows.submit import submit_many
 from flows.tasks import ChunkFailed, heavy_batch, process_chunk
 
 MAX_AUTO_TASK_RUNS = 100
@@ -56,6 +58,7 @@ def validate(
     heavy_cpus: int | None = None,
     item_sleep: float = 0.0,
     crash_items: list[int] | None = None,
+    work: str = "checksum",
 ) -> None:
     """Reject bad parameters, naming them, before anything is submitted."""
     problems = []
@@ -73,6 +76,8 @@ def validate(
         problems.append(f"heavy_cpus must be >= 1 (or omitted), got {heavy_cpus}")
     if timeout <= 0:
         problems.append(f"timeout must be > 0, got {timeout}")
+    if work not in workload.WORK:
+        problems.append(f"work must be one of {', '.join(sorted(workload.WORK))}, got {work!r}")
     if item_sleep < 0:
         problems.append(f"item_sleep must be >= 0, got {item_sleep}")
     for name, ids in (("fail_items", fail_items), ("crash_items", crash_items or [])):
@@ -96,6 +101,7 @@ class FanoutSummary:
     per_worker: dict[str, int] = field(default_factory=dict)
     heavy: list[dict[str, Any]] = field(default_factory=list)
     heavy_failed: dict[int, str] = field(default_factory=dict)
+    submit_seconds: float = 0.0  # creating every task run (the submitter's share of the cost)
     redelivered: int = 0  # task runs the reaper had to schedule again (a worker died, a server restarted)
     seconds: float = 0.0
 
@@ -210,6 +216,7 @@ def fanout(
     heavy_memory: str = "1Gi",
     item_sleep: float = 0.0,
     crash_items: list[int] | None = None,
+    work: str = "checksum",
     timeout: float = 1800.0,
 ) -> FanoutSummary:
     """Fan `items` light items out to the light pool and `heavy_batches` heavy batches to
@@ -230,6 +237,7 @@ def fanout(
         heavy_cpus=heavy_cpus,
         item_sleep=item_sleep,
         crash_items=list(crash_items or []),
+        work=work,
     )
     logger = get_run_logger()
     t0 = time.monotonic()
@@ -261,16 +269,25 @@ def fanout(
             heavy_unsubmitted[b] = f"submission failed: {exc}"
 
     pending: dict[UUID, range] = {}  # task run -> the items it carries
-    for rng in _chunks(items, size):
-        mine = [i for i in rng if i in fail] or None
-        kill = [i for i in rng if i in crash] or None
-        try:
-            fut = process_chunk.delay(rng.start, rng.stop, mine, item_sleep, kill)
-        except Exception as exc:  # noqa: BLE001 - reported, not lost
-            summary.failed.update({i: f"submission failed: {exc}" for i in rng})
-            continue
-        pending[fut.task_run_id] = rng
+    ranges = list(_chunks(items, size))
+    calls = [
+        {
+            "start": rng.start,
+            "stop": rng.stop,
+            "fail_items": [i for i in rng if i in fail] or None,
+            "sleep_s": item_sleep,
+            "crash_items": [i for i in rng if i in crash] or None,
+            "work": work,
+        }
+        for rng in ranges
+    ]
+    for rng, created in zip(ranges, submit_many(process_chunk, calls), strict=True):
+        if isinstance(created, Exception):  # reported, not lost
+            summary.failed.update({i: f"submission failed: {created}" for i in rng})
+        else:
+            pending[created] = rng
     summary.task_runs = len(pending) + len(heavy)
+    summary.submit_seconds = time.monotonic() - t0
     logger.info(
         "submitted %d items in %d task runs of up to %d (%.1fs)", items, len(pending), size, time.monotonic() - t0
     )
@@ -346,6 +363,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--items", type=int, default=1000, help="light items to fan out")
     p.add_argument("--chunk-size", type=int, default=None, help="items per task run (default: automatic)")
     p.add_argument("--fail-items", default="", help="comma-separated item ids that raise (error-path demo)")
+    p.add_argument("--work", default="checksum", help=f"per-item function: {', '.join(sorted(workload.WORK))}")
     p.add_argument("--item-sleep", type=float, default=0.0, help="seconds of simulated I/O per item")
     p.add_argument("--crash-items", default="", help="comma-separated item ids that kill their worker (recovery demo)")
     p.add_argument("--heavy-batches", type=int, default=0, help="CPU-heavy batches for the heavy pool")
@@ -360,7 +378,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--heavy-memory", default="1Gi", help="memory request/limit of those pods")
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds to wait for all results")
-    p.add_argument("--json", metavar="FILE", help="write the full summary (with every result) as JSON")
+    p.add_argument(
+        "--json",
+        metavar="FILE",
+        help="write the full summary (with every result) as JSON; `-`: one stdout line, prefixed FANOUT-SUMMARY",
+    )
     return p
 
 
@@ -383,6 +405,7 @@ def main(argv: list[str] | None = None) -> None:
         heavy_cpus=args.heavy_cpus,
         item_sleep=args.item_sleep,
         crash_items=crash_items,
+        work=args.work,
     )
     try:
         validate(**params)
@@ -395,8 +418,11 @@ def main(argv: list[str] | None = None) -> None:
             "completed": summary.completed,
             "items_per_second": summary.items_per_second,
         }
-        with open(args.json, "w") as f:
-            json.dump(data, f)
+        if args.json == "-":  # one line on stdout, e.g. for a pod's log
+            print("FANOUT-SUMMARY " + json.dumps(data), flush=True)
+        else:
+            with open(args.json, "w") as f:
+                json.dump(data, f)
     sys.exit(1 if summary.failed or summary.heavy_failed else 0)
 
 

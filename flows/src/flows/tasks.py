@@ -72,15 +72,18 @@ def process_chunk(
     fail_items: list[int] | None = None,
     sleep_s: float = 0.0,
     crash_items: list[int] | None = None,
+    work: str = "checksum",
 ) -> list[dict[str, Any]]:
     """Light work: checksum items start..stop-1, each independently.
 
     One bad item must not sink its neighbours: every item is tried, and if any raised
-    the run fails with ChunkFailed holding the others' results. `sleep_s` adds per-item
+    the run fails with ChunkFailed holding the others' results. `work` names the
+    per-item function (flows.workload.WORK). `sleep_s` adds per-item
     latency (standing in for I/O); `fail_items` raise and `crash_items` kill the worker
     process outright (like the OOM killer) to exercise error handling and recovery.
     """
     me = worker_id()
+    fn = workload.WORK[work]
     fail = set(fail_items or ())
     crash = set(crash_items or ())
     results: list[dict[str, Any]] = []
@@ -94,7 +97,7 @@ def process_chunk(
                 time.sleep(sleep_s)
             if item in fail:
                 raise workload.InjectedFailure(f"injected failure for item {item}")
-            results.append({**workload.checksum_item(item), "worker": me})
+            results.append({**fn(item), "worker": me})
         except Exception as exc:  # noqa: BLE001 - reported per item to the parent
             errors[item] = f"{type(exc).__name__}: {exc}"
     if errors:

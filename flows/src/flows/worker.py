@@ -31,8 +31,10 @@ import anyio
 import orjson
 import websockets.exceptions
 from prefect import Task
+from prefect.blocks.core import Block
 from prefect.client.schemas.objects import TaskRun
 from prefect.client.subscriptions import Subscription
+from prefect.results import aresolve_result_storage
 from prefect.settings import get_current_settings
 from prefect.task_worker import TaskWorker
 from prefect.variables import Variable
@@ -79,6 +81,11 @@ class FanoutWorker(TaskWorker):
             base_url=base_url,
         )
         assert self._limiter is not None and self._runs_task_group is not None
+        for t in self.tasks:
+            # Resolve result storage once; Prefect would resolve (and build an API
+            # client, loading the CA bundle) for every run otherwise.
+            if t.result_storage is not None and not isinstance(t.result_storage, Block):
+                t.result_storage = await aresolve_result_storage(t.result_storage)
         signal.signal(signal.SIGINT, self.handle_sigterm)
         self._loop = asyncio.get_running_loop()
         self._intake = anyio.CancelScope()

@@ -86,3 +86,21 @@ def batch_segments(batch: int, segments: int, span: int) -> list[Segment]:
         raise ValueError("batch must be >= 0, segments and span >= 1")
     first = HEAVY_BASE + batch * segments * span
     return [Segment(first + i * span, first + (i + 1) * span) for i in range(segments)]
+
+
+def noop_item(item: int) -> dict[str, object]:
+    """A trivial item: what per-item overhead is measured with."""
+    return {"item": item, "double": 2 * item}
+
+
+CPU_ITEM_SPAN = 2000  # about 50 ms of trial division on one of our cores
+
+
+def cpu_item(item: int) -> dict[str, object]:
+    """A CPU-bound item of about 50 ms: primes in its own small range."""
+    lo = HEAVY_BASE + item * CPU_ITEM_SPAN
+    return {"item": item, "primes": count_primes(lo, lo + CPU_ITEM_SPAN)}
+
+
+# Per-item functions a fan-out can run, by name (`--work`).
+WORK = {"checksum": checksum_item, "noop": noop_item, "cpu": cpu_item}

@@ -1,0 +1,156 @@
+"""Setup hook of the fanout chart (post-install, post-upgrade), run in the runtime image.
+
+1. Wait for the Prefect server's /api/health.
+2. Create or update the Kubernetes work pool with a base job template: Prefect's default
+   template for the installed prefect-kubernetes, plus what flow-run pods of this release
+   need (security contexts, /tmp emptyDir, the shared volume and FANOUT_STORAGE, node
+   selector and tolerations as job variables) and the chart's defaults for the job
+   variables (image, namespace, cpu/memory requests and limits, ...).
+3. storage.type s3: save the `s3-bucket` block that FANOUT_STORAGE names.
+4. Register the `crunch` deployment on the pool (`python -m flows.deploy`).
+
+Everything it needs comes from one JSON file rendered by Helm (FANOUT_SETUP_CONFIG).
+Idempotent: every step overwrites what a previous run created.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from typing import Any
+
+
+def log(message: str) -> None:
+    print(f"setup: {message}", flush=True)
+
+
+def wait_for_server(api_url: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    last = ""
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"{api_url}/health", timeout=5) as response:
+                if response.status == 200:
+                    log(f"server {api_url} is healthy")
+                    return
+        except (urllib.error.URLError, OSError) as exc:
+            last = str(exc)
+        time.sleep(3)
+    sys.exit(f"setup: the Prefect server at {api_url} was not healthy within {timeout:.0f}s ({last})")
+
+
+def base_job_template(cfg: dict[str, Any], default: dict[str, Any]) -> dict[str, Any]:
+    """The default template with this release's pod settings and variable defaults."""
+    template = copy.deepcopy(default)
+    job_spec = template["job_configuration"]["job_manifest"]["spec"]
+    pod = job_spec["template"]["spec"]
+    container = pod["containers"][0]
+    # prefect-kubernetes' default puts these Job fields into the pod spec, where the API
+    # server silently drops them (and strict validation rejects them): move them.
+    for key in ("completions", "parallelism"):
+        if key in pod:
+            job_spec[key] = pod.pop(key)
+    pod["securityContext"] = cfg["podSecurityContext"]
+    pod["automountServiceAccountToken"] = False
+    pod["enableServiceLinks"] = False
+    pod["volumes"] = cfg["volumes"]
+    pod["nodeSelector"] = "{{ node_selector }}"
+    pod["tolerations"] = "{{ tolerations }}"
+    if cfg.get("imagePullSecrets"):
+        pod["imagePullSecrets"] = cfg["imagePullSecrets"]
+    container["securityContext"] = cfg["containerSecurityContext"]
+    container["volumeMounts"] = cfg["volumeMounts"]
+    # A fixed list: prefect-kubernetes prepends its own variables (PREFECT_API_URL, the flow
+    # run id, the `env` job variable) to a list it finds here.
+    container["env"] = cfg["env"]
+
+    props = template["variables"]["properties"]
+    props["node_selector"] = {
+        "title": "Node Selector",
+        "description": "Node labels a flow-run pod must match (e.g. a pool of large nodes).",
+        "type": "object",
+        "additionalProperties": {"type": "string"},
+    }
+    props["tolerations"] = {
+        "title": "Tolerations",
+        "description": "Taints a flow-run pod tolerates, in Kubernetes' format.",
+        "type": "array",
+        "items": {"type": "object"},
+    }
+    for key, value in cfg["jobVariables"].items():
+        if key not in props:
+            sys.exit(f"setup: job variable {key!r} is not in the work pool's template; known: {sorted(props)}")
+        props[key]["default"] = value
+    return template
+
+
+def save_s3_block(storage: dict[str, Any]) -> None:
+    try:
+        from prefect_aws import AwsCredentials, S3Bucket
+        from prefect_aws.client_parameters import AwsClientParameters
+    except ImportError:
+        sys.exit(
+            "setup: storage.type=s3 needs prefect-aws in the runtime image "
+            "(add it to flows/pyproject.toml, re-lock, rebuild the image)"
+        )
+    params = AwsClientParameters(endpoint_url=storage["endpointUrl"]) if storage.get("endpointUrl") else None
+    # No keys in the block: every pod gets them from the Secret as AWS_* variables.
+    credentials = AwsCredentials(aws_client_parameters=params) if params else AwsCredentials()
+    block = S3Bucket(bucket_name=storage["bucket"], bucket_folder=storage.get("folder") or "", credentials=credentials)
+    block.save(storage["blockName"], overwrite=True)
+    log(f"saved block s3-bucket/{storage['blockName']} (bucket {storage['bucket']})")
+
+
+def run(*cmd: str) -> None:
+    log("$ " + " ".join(cmd))
+    subprocess.run(cmd, check=True)
+
+
+def main() -> None:
+    with open(os.environ.get("FANOUT_SETUP_CONFIG", "/etc/fanout/setup.json")) as f:
+        cfg = json.load(f)
+    wait_for_server(cfg["apiUrl"], float(cfg.get("serverTimeout", 300)))
+
+    from prefect_kubernetes.worker import KubernetesWorker
+
+    template = base_job_template(cfg, KubernetesWorker.get_default_base_job_template())
+    path = "/tmp/base-job-template.json"
+    with open(path, "w") as f:
+        json.dump(template, f, indent=2)
+    run(
+        "prefect",
+        "work-pool",
+        "create",
+        cfg["workPool"],
+        "--type",
+        "kubernetes",
+        "--base-job-template",
+        path,
+        "--overwrite",
+    )
+
+    if cfg.get("s3"):
+        save_s3_block(cfg["s3"])
+
+    run(
+        sys.executable,
+        "-m",
+        "flows.deploy",
+        "--work-pool",
+        cfg["workPool"],
+        "--image",
+        cfg["image"],
+        "--image-pull-policy",
+        cfg["imagePullPolicy"],
+    )
+    log("done")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,141 @@
+{{/* Chart name, at most 63 characters. */}}
+{{- define "fanout.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Full name: fullnameOverride, else the release name (when it contains the chart name),
+else <release>-<chart>; at most 63 characters. Component names are built as
+<fullname>-<component>, so keep releases short enough for those too. */}}
+{{- define "fanout.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* <fullname>-<component>, at most 63 characters. Call with (list . "server"). */}}
+{{- define "fanout.componentName" -}}
+{{- $root := index . 0 }}
+{{- printf "%s-%s" (include "fanout.fullname" $root) (index . 1) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "fanout.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Selector labels of a component. Call with (list . "server"). */}}
+{{- define "fanout.selectorLabels" -}}
+{{- $root := index . 0 -}}
+app.kubernetes.io/name: {{ include "fanout.name" $root }}
+app.kubernetes.io/instance: {{ $root.Release.Name }}
+app.kubernetes.io/component: {{ index . 1 }}
+{{- end }}
+
+{{/* All labels of a component. Call with (list . "server"). */}}
+{{- define "fanout.labels" -}}
+{{- $root := index . 0 -}}
+helm.sh/chart: {{ include "fanout.chart" $root }}
+{{ include "fanout.selectorLabels" . }}
+app.kubernetes.io/version: {{ $root.Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ $root.Release.Service }}
+app.kubernetes.io/part-of: fanout
+{{- with $root.Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{/* The runtime image reference. */}}
+{{- define "fanout.image" -}}
+{{- printf "%s:%s" .Values.image.repository .Values.image.tag }}
+{{- end }}
+
+{{- define "fanout.serverName" -}}{{ include "fanout.componentName" (list . "server") }}{{- end }}
+{{- define "fanout.postgresName" -}}{{ include "fanout.componentName" (list . "postgresql") }}{{- end }}
+{{- define "fanout.sharedName" -}}{{ include "fanout.componentName" (list . "shared") }}{{- end }}
+{{- define "fanout.workerName" -}}{{ include "fanout.componentName" (list . "worker") }}{{- end }}
+
+{{/* The API URL every client pod uses: the server's Service. */}}
+{{- define "fanout.apiUrl" -}}
+{{- printf "http://%s:%v/api" (include "fanout.serverName" .) .Values.server.service.port }}
+{{- end }}
+
+{{/* FANOUT_STORAGE: a directory on the shared volume, or a block slug. */}}
+{{- define "fanout.storageSetting" -}}
+{{- if eq .Values.storage.type "s3" }}
+{{- printf "s3-bucket/%s" .Values.storage.s3.blockName }}
+{{- else }}
+{{- print "/shared/fanout" }}
+{{- end }}
+{{- end }}
+
+{{/* Environment of every pod that submits or runs fanned-out tasks. */}}
+{{- define "fanout.clientEnv" -}}
+- name: PREFECT_API_URL
+  value: {{ include "fanout.apiUrl" . | quote }}
+- name: FANOUT_STORAGE
+  value: {{ include "fanout.storageSetting" . | quote }}
+{{- if eq .Values.storage.type "s3" }}
+{{- include "fanout.s3Env" . }}
+{{- end }}
+{{- end }}
+
+{{/* S3 credentials from the user's Secret, as environment variables. */}}
+{{- define "fanout.s3Env" }}
+- name: AWS_ACCESS_KEY_ID
+  valueFrom:
+    secretKeyRef:
+      name: {{ .Values.storage.s3.existingSecret }}
+      key: AWS_ACCESS_KEY_ID
+- name: AWS_SECRET_ACCESS_KEY
+  valueFrom:
+    secretKeyRef:
+      name: {{ .Values.storage.s3.existingSecret }}
+      key: AWS_SECRET_ACCESS_KEY
+{{- end }}
+
+{{/* The shared-storage volume (none for s3). */}}
+{{- define "fanout.sharedVolume" -}}
+{{- if eq .Values.storage.type "pvc" -}}
+- name: shared
+  persistentVolumeClaim:
+    claimName: {{ .Values.storage.pvc.existingClaim | default (include "fanout.sharedName" .) }}
+{{- else if eq .Values.storage.type "hostPath" -}}
+- name: shared
+  hostPath:
+    path: {{ .Values.storage.hostPath.path }}
+    type: Directory
+{{- end }}
+{{- end }}
+
+{{- define "fanout.sharedVolumeMount" -}}
+{{- if ne .Values.storage.type "s3" -}}
+- name: shared
+  mountPath: /shared
+{{- end }}
+{{- end }}
+
+{{/* Pod-level settings shared by every runtime pod. */}}
+{{- define "fanout.podCommon" -}}
+securityContext:
+  {{- toYaml .Values.podSecurityContext | nindent 2 }}
+{{- with .Values.imagePullSecrets }}
+imagePullSecrets:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end }}
+
+{{/* The emptyDir behind /tmp (HOME, PREFECT_HOME) that a read-only root filesystem needs. */}}
+{{- define "fanout.tmpVolume" -}}
+- name: tmp
+  emptyDir: {}
+{{- end }}
+{{- define "fanout.tmpVolumeMount" -}}
+- name: tmp
+  mountPath: /tmp
+{{- end }}

@@ -1,0 +1,46 @@
+{{/*
+Fail fast with a message naming the value, for what values.schema.json cannot express
+(cross-field rules) and as a second line of defence when a schema is skipped
+(`helm template --skip-schema-validation`). Included once, from server.yaml.
+*/}}
+{{- define "fanout.validate" -}}
+{{- $_ := required "image.repository is required (the fanout runtime image, e.g. fanout/runtime)" .Values.image.repository }}
+{{- $_ := required "image.tag is required (`make images` prints the content-hash tag; `make deploy` passes it)" .Values.image.tag }}
+
+{{- $db := .Values.database }}
+{{- if not (has $db.type (list "postgres" "external" "sqlite")) }}
+{{- fail (printf "database.type must be one of postgres, external, sqlite; got %q" $db.type) }}
+{{- end }}
+{{- if eq $db.type "external" }}
+{{- $_ := required "database.external.existingSecret is required when database.type is external (a Secret with the SQLAlchemy URL)" $db.external.existingSecret }}
+{{- end }}
+
+{{- $st := .Values.storage }}
+{{- if not (has $st.type (list "pvc" "hostPath" "s3")) }}
+{{- fail (printf "storage.type must be one of pvc, hostPath, s3; got %q" $st.type) }}
+{{- end }}
+{{- if eq $st.type "s3" }}
+{{- $_ := required "storage.s3.bucket is required when storage.type is s3" $st.s3.bucket }}
+{{- $_ := required "storage.s3.existingSecret is required when storage.type is s3 (keys AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY)" $st.s3.existingSecret }}
+{{- end }}
+
+{{- $known := list "replicas" "limit" "resources" "nodeSelector" "tolerations" "affinity" "terminationGracePeriodSeconds" "podDisruptionBudget" "extraEnv" }}
+{{- range $pool, $spec := .Values.pools }}
+{{- if not (regexMatch "^[a-z]([a-z0-9-]{0,28}[a-z0-9])?$" $pool) }}
+{{- fail (printf "pools.%s: a pool name must be a lowercase DNS label of at most 30 characters (it becomes part of resource names and FANOUT_POOL)" $pool) }}
+{{- end }}
+{{- if $spec }}
+{{- range $key, $_ := $spec }}
+{{- if not (has $key $known) }}
+{{- fail (printf "pools.%s.%s is not a pool setting; known: %s" $pool $key (join ", " $known)) }}
+{{- end }}
+{{- end }}
+{{- if and (hasKey $spec "replicas") (lt (int $spec.replicas) 0) }}
+{{- fail (printf "pools.%s.replicas must be >= 0, got %v" $pool $spec.replicas) }}
+{{- end }}
+{{- if and (hasKey $spec "limit") (lt (int $spec.limit) 1) }}
+{{- fail (printf "pools.%s.limit must be >= 1, got %v" $pool $spec.limit) }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- end }}

@@ -1,0 +1,367 @@
+"""`make bench`: our fan-out against Dask, Celery+Redis and a ProcessPoolExecutor, in one run.
+
+Every system runs the same per-item functions (flows.workload.WORK) on this machine;
+clusters and workers are started first and not timed: a run is timed from the first
+submission to the last result. Reports wall time, items/s, overhead per item (wall
+time minus the ideal time for the slots used, per item) and our ratio to each peer;
+writes JSON and a PNG plot.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from flows import workload
+from flows.local import LocalStack, free_port, wait_until
+
+HERE = Path(__file__).resolve().parent
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    items: int
+    work: str
+    sleep: float
+    slots: int  # concurrent items in total: 2 processes, or 20 for sleep-bound work
+
+    @property
+    def ideal_seconds(self) -> float:
+        per_item = self.sleep + (0.05 if self.work == "cpu" else 0.0)
+        return self.items * per_item / self.slots
+
+
+@dataclass
+class Result:
+    system: str
+    scenario: str
+    items: int
+    seconds: float
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def items_per_second(self) -> float:
+        return self.items / self.seconds
+
+    def overhead_ms(self, sc: Scenario) -> float:
+        return max(0.0, self.seconds - sc.ideal_seconds) / self.items * 1000
+
+
+SCENARIOS = [
+    Scenario("trivial-1k", 1000, "noop", 0.0, 2),
+    Scenario("trivial-10k", 10_000, "noop", 0.0, 2),
+    Scenario("sleep-200", 200, "noop", 0.1, 20),
+    Scenario("cpu-200", 200, "cpu", 0.0, 2),
+]
+
+
+def say(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def _item(work: str, item: int, sleep_s: float) -> dict:
+    if sleep_s:
+        time.sleep(sleep_s)
+    return workload.WORK[work](item)
+
+
+def check(results: list[dict], sc: Scenario) -> None:
+    """A benchmark of wrong answers is worthless: every item exactly once, correct."""
+    assert sorted(r["item"] for r in results) == list(range(sc.items)), f"{sc.name}: items missing or repeated"
+    for r in results[:: max(1, sc.items // 50)]:
+        expected = workload.WORK[sc.work](r["item"])
+        assert {k: r[k] for k in expected} == expected, f"{sc.name}: wrong result {r}"
+
+
+# -- peers ------------------------------------------------------------------------------
+def run_pool(sc: Scenario) -> Result:
+    with cf.ProcessPoolExecutor(max_workers=sc.slots) as pool:
+        list(pool.map(_item, ["noop"] * sc.slots, range(sc.slots), [0] * sc.slots))  # warm up
+        t0 = time.perf_counter()
+        out = list(pool.map(_item, [sc.work] * sc.items, range(sc.items), [sc.sleep] * sc.items, chunksize=1))
+        dt = time.perf_counter() - t0
+    check(out, sc)
+    return Result("processpool", sc.name, sc.items, dt)
+
+
+def run_dask(sc: Scenario) -> Result:
+    from dask.distributed import Client, LocalCluster
+
+    threads = max(1, sc.slots // 2)
+    with (
+        LocalCluster(n_workers=2, threads_per_worker=threads, processes=True, dashboard_address=None) as cluster,
+        Client(cluster) as client,
+    ):
+        client.gather(client.map(_item, ["noop"] * 4, range(4), [0] * 4, pure=False))  # warm up
+        t0 = time.perf_counter()
+        futs = client.map(_item, [sc.work] * sc.items, range(sc.items), [sc.sleep] * sc.items, pure=False)
+        out = client.gather(futs)
+        dt = time.perf_counter() - t0
+    check(out, sc)
+    return Result("dask", sc.name, sc.items, dt)
+
+
+class CeleryPeer:
+    """redis-server plus two prefork Celery workers, started once for all scenarios."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.concurrency = 0
+
+    def start_redis(self) -> None:
+        redis = shutil.which("redis-server")
+        if not redis:
+            raise RuntimeError("redis-server not installed (apt-get install redis-server)")
+        self.procs.append(subprocess.Popen(
+            [redis, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+            stdout=subprocess.DEVNULL, start_new_session=True))  # fmt: skip
+        wait_until(lambda: socket.create_connection(("127.0.0.1", self.port), 1).close() is None, 30, "redis")
+
+    def workers(self, concurrency: int) -> None:
+        if concurrency == self.concurrency:
+            return
+        for p in self.procs[1:]:
+            os.killpg(p.pid, signal.SIGTERM)
+            p.wait()
+        del self.procs[1:]
+        env = {**os.environ, "BENCH_REDIS_URL": self.url, "PYTHONPATH": str(HERE)}
+        for i in range(2):
+            log = (self.root / f"celery-{i}.log").open("wb")
+            self.procs.append(subprocess.Popen(
+                [sys.executable, "-m", "celery", "-A", "celery_app", "worker", "--pool=prefork",
+                 f"--concurrency={concurrency}", "--loglevel=WARNING", f"--hostname=w{i}@bench"],
+                env=env, cwd=HERE, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))  # fmt: skip
+        self.concurrency = concurrency
+        from celery_app import app
+
+        app.conf.broker_url = app.conf.result_backend = self.url
+        wait_until(lambda: len(app.control.ping(timeout=1) or []) == 2, 60, "celery workers")
+
+    def run(self, sc: Scenario) -> Result:
+        from celery import group
+        from celery_app import run_item
+
+        self.workers(max(1, sc.slots // 2))
+        t0 = time.perf_counter()
+        out = group(run_item.s(sc.work, i, sc.sleep) for i in range(sc.items)).apply_async().get(timeout=1800)
+        dt = time.perf_counter() - t0
+        check(out, sc)
+        return Result("celery", sc.name, sc.items, dt)
+
+    def stop(self) -> None:
+        for p in reversed(self.procs):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pid, signal.SIGTERM)
+            p.wait()
+
+
+# -- ours ---------------------------------------------------------------------------------
+def rss_mb(pids: list[int]) -> float:
+    """Resident memory of these processes and their children, in MB."""
+    total = 0
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            stat = (proc / "stat").read_text().rsplit(")", 1)[1].split()
+            if int(stat[2]) in pids or int(proc.name) in pids:  # pgid, or the process itself
+                total += int(stat[21]) * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, IndexError, ValueError):
+            continue
+    return total / 2**20
+
+
+class Ours:
+    """The local stack: PostgreSQL, Prefect server, light workers restarted per scenario."""
+
+    def __init__(self, root: Path) -> None:
+        self.stack = LocalStack(root, ui=False).__enter__()
+        self.workers: list[Any] = []
+
+    def set_workers(self, n: int, limit: int) -> None:
+        for w in self.workers:
+            w.stop()
+            self.stack.procs.remove(w)
+        self.workers = [self.stack.start_worker("light", limit=limit, wait=False) for _ in range(n)]
+        for w in self.workers:
+            self.stack.wait_healthy(w)
+
+    def run(self, sc: Scenario, label: str, chunk: int | None, workers: int = 2) -> Result:
+        self.set_workers(workers, max(1, sc.slots // 2))
+        out = self.stack.root / f"{label}-{sc.name}.json"
+        args = ["--items", str(sc.items), "--work", sc.work, "--item-sleep", str(sc.sleep), "--json", str(out)]
+        if chunk:
+            args += ["--chunk-size", str(chunk)]
+        peak = {"server": 0.0, "worker": 0.0}
+        done = threading.Event()
+
+        def sample() -> None:
+            server = next(p for p in self.stack.procs if p.name == "server")
+            while not done.wait(0.5):
+                peak["server"] = max(peak["server"], rss_mb([server.popen.pid]))
+                peak["worker"] = max(peak["worker"], *(rss_mb([w.popen.pid]) for w in self.workers))
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        proc = self.stack.run_flow(args, timeout=3600)
+        done.set()
+        sampler.join()
+        if proc.returncode != 0:
+            raise RuntimeError(f"{label} {sc.name} failed: {proc.stderr[-2000:]}")
+        s = json.loads(out.read_text())
+        check(s["results"], sc)
+        return Result(label, sc.name, sc.items, s["seconds"], {
+            "task_runs": s["task_runs"], "chunk_size": s["chunk_size"], "submit_seconds": s["submit_seconds"],
+            "task_runs_per_second": s["task_runs"] / s["seconds"], "workers": workers,
+            "peak_server_rss_mb": round(peak["server"]), "peak_worker_rss_mb": round(peak["worker"]),
+        })  # fmt: skip
+
+    def heavy(self, segments: int, span: int) -> dict[str, Any]:
+        """One heavy batch through the heavy pool: pool time vs the same batch serially."""
+        out = self.stack.root / f"heavy-{segments}-{span}.json"
+        w = self.stack.start_worker("heavy", limit=1)
+        try:
+            args = ["--items", "1", "--heavy-batches", "1", "--heavy-segments", str(segments),
+                    "--heavy-span", str(span), "--compare-serial", "--json", str(out)]  # fmt: skip
+            proc = self.stack.run_flow(args, timeout=1800)
+            if proc.returncode != 0:
+                raise RuntimeError(f"heavy run failed: {proc.stderr[-2000:]}")
+            return json.loads(out.read_text())["heavy"][0]
+        finally:
+            w.stop()
+            self.stack.procs.remove(w)
+
+    def close(self) -> None:
+        self.stack.close()
+
+
+# -- report -------------------------------------------------------------------------------
+def report(results: list[Result], extra: dict[str, Any], out_dir: Path) -> None:
+    by = {(r.system, r.scenario): r for r in results}
+    lines = [f"{'scenario':<12} {'system':<16} {'wall s':>8} {'items/s':>9} {'ovh ms':>7}  ratios (ours/peer)"]
+    data: dict[str, Any] = {"machine": {"cpus": os.cpu_count()}, "runs": [], **extra}
+    for sc in SCENARIOS:
+        for r in (r for r in results if r.scenario == sc.name):
+            ratios = {}
+            if r.system.startswith("ours"):
+                for peer in ("dask", "celery", "processpool"):
+                    if (peer, sc.name) in by:
+                        ratios[peer] = round(r.seconds / by[(peer, sc.name)].seconds, 2)
+            data["runs"].append({**asdict(r), "items_per_second": r.items_per_second,
+                                 "overhead_ms_per_item": r.overhead_ms(sc), "ratio_to": ratios})  # fmt: skip
+            rs = " ".join(f"{k} {v}x" for k, v in ratios.items())
+            lines.append(f"{sc.name:<12} {r.system:<16} {r.seconds:>8.2f} {r.items_per_second:>9.1f} "
+                         f"{r.overhead_ms(sc):>7.2f}  {rs}")  # fmt: skip
+    text = "\n".join(lines)
+    print("\n" + text, flush=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "bench.json").write_text(json.dumps(data, indent=2))
+    (out_dir / "bench.txt").write_text(text + "\n")
+    plot(results, out_dir / "bench.png")
+    say(f"wrote {out_dir / 'bench.json'}, {out_dir / 'bench.png'}")
+
+
+def plot(results: list[Result], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    systems = sorted({r.system for r in results})
+    names = [sc.name for sc in SCENARIOS if any(r.scenario == sc.name for r in results)]
+    fig, ax = plt.subplots(figsize=(10, 5))
+    width = 0.8 / len(systems)
+    for i, system in enumerate(systems):
+        xs, ys = [], []
+        for j, name in enumerate(names):
+            r = next((r for r in results if r.system == system and r.scenario == name), None)
+            if r:
+                xs.append(j + i * width)
+                ys.append(r.items_per_second)
+        ax.bar(xs, ys, width, label=system)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(names))], names)
+    ax.set_yscale("log")
+    ax.set_ylabel("items per second (log)")
+    ax.set_title(f"fan-out throughput on {os.cpu_count()} CPUs (higher is better)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", type=Path, default=Path(".bench"))
+    p.add_argument("--quick", action="store_true", help="skip the 10,000-item and scaling runs")
+    args = p.parse_args(argv)
+    scenarios = [sc for sc in SCENARIOS if not (args.quick and sc.items > 1000)]
+    root = Path(tempfile.mkdtemp(prefix="fanout-bench-"))
+    results: list[Result] = []
+    extra: dict[str, Any] = {}
+
+    def record(r: Result) -> None:
+        results.append(r)
+        say(f"{r.scenario:<12} {r.system:<16} {r.seconds:8.2f}s {r.items_per_second:9.1f} items/s {r.extra or ''}")
+
+    for sc in scenarios:
+        say(f"{sc.name}: processpool, dask")
+        record(run_pool(sc))
+        record(run_dask(sc))
+    celery = CeleryPeer(root)
+    try:
+        celery.start_redis()
+        for sc in scenarios:
+            say(f"{sc.name}: celery")
+            record(celery.run(sc))
+    finally:
+        celery.stop()
+    ours = Ours(root)
+    try:
+        for sc in scenarios:
+            say(f"{sc.name}: ours (automatic chunking)")
+            record(ours.run(sc, "ours-chunked", None))
+            if sc.items <= 1000:
+                say(f"{sc.name}: ours (one item per task run)")
+                record(ours.run(sc, "ours-unchunked", 1))
+        if not args.quick:
+            extra["scaling_sleep_200"] = {}
+            for n in (1, 2, 4, 8):
+                say(f"scaling: sleep-200 with {n} workers of 10 slots")
+                r = ours.run(Scenario("sleep-200", 200, "noop", 0.1, 20), f"ours-{n}w", 1, workers=n)
+                extra["scaling_sleep_200"][n] = {"seconds": r.seconds, "items_per_second": r.items_per_second}
+                say(f"  {n} workers: {r.seconds:.2f}s, {r.items_per_second:.1f} items/s")
+        say("process-pool subflow: 200 CPU items of ~50 ms, and an empty batch for the start-up cost")
+        heavy = ours.heavy(200, workload.CPU_ITEM_SPAN)
+        empty = ours.heavy(2, 1)
+        extra["process_pool"] = {
+            "processes": heavy["processes"], "pool_seconds": heavy["seconds"],
+            "serial_seconds": heavy["serial_seconds"], "speedup": heavy["serial_seconds"] / heavy["seconds"],
+            "startup_seconds": empty["seconds"],
+            "speedup_excluding_startup": heavy["serial_seconds"] / max(1e-9, heavy["seconds"] - empty["seconds"]),
+        }  # fmt: skip
+        say(f"process pool: {extra['process_pool']}")
+    finally:
+        ours.close()
+        shutil.rmtree(root, ignore_errors=True)
+    report(results, extra, args.out)
+
+
+if __name__ == "__main__":
+    main()

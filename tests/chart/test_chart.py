@@ -1,0 +1,500 @@
+"""The fanout Helm chart, rendered with `helm template` (no cluster): what it deploys for
+several value sets, that every manifest is valid for the target Kubernetes version, that
+bad values are rejected naming the value, and that the work pool's base job template
+turns into a valid Job through prefect-kubernetes itself."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import subprocess
+import sys
+from typing import Any
+from uuid import uuid4
+
+import pytest
+import yaml
+from conftest import CHART, K8S_VERSION, NAMESPACE, RELEASE
+
+FULL = f"{RELEASE}-fanout"
+SERVER = f"{FULL}-server"
+API_URL = f"http://{SERVER}:4200/api"
+
+# Value sets every structural test runs over (name -> values).
+EXTERNAL_DB = {"database": {"type": "external", "external": {"existingSecret": "prefect-db", "key": "url"}}}
+SQLITE = {"database": {"type": "sqlite"}}
+CUSTOM_POOLS = {
+    "pools": {
+        "light": {"replicas": 5, "limit": 3, "terminationGracePeriodSeconds": 30},
+        "heavy": None,
+        "batch": {"replicas": 2, "limit": 4, "podDisruptionBudget": {"maxUnavailable": "50%"}},
+    }
+}
+S3 = {
+    "storage": {
+        "type": "s3",
+        "s3": {"bucket": "results", "endpointUrl": "http://minio:9000", "existingSecret": "s3-creds"},
+    }
+}
+SCALED = {"pools": {"light": {"replicas": 12}, "heavy": {"replicas": 0}}}
+HOSTPATH = {"storage": {"type": "hostPath", "hostPath": {"path": "/mnt/fanout"}}}
+KIND = yaml.safe_load((CHART / "ci" / "kind-values.yaml").read_text())
+VALUE_SETS = {
+    "defaults": None,
+    "external-db": EXTERNAL_DB,
+    "sqlite": SQLITE,
+    "custom-pools": CUSTOM_POOLS,
+    "s3": S3,
+    "scaled": SCALED,
+    "hostpath": HOSTPATH,
+    "kind": KIND,
+}
+
+
+def pod_spec(obj: dict[str, Any]) -> dict[str, Any]:
+    return obj["spec"]["template"]["spec"]
+
+
+def env_of(container: dict[str, Any]) -> dict[str, Any]:
+    """name -> value (or the valueFrom dict)."""
+    return {e["name"]: e.get("value", e.get("valueFrom")) for e in container.get("env", [])}
+
+
+def workloads(docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [d for d in docs if d["kind"] in ("Deployment", "StatefulSet", "Job")]
+
+
+# --- every value set ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", VALUE_SETS)
+def test_manifests_are_valid_kubernetes_objects(name, render, openapi):
+    docs = render(VALUE_SETS[name])
+    assert len(docs) >= 8
+    problems = [p for d in docs for p in openapi.errors(d)]
+    assert not problems, f"{len(problems)} schema problems ({K8S_VERSION}):\n" + "\n".join(problems)
+
+
+def test_openapi_validator_catches_unknown_and_mistyped_fields(render, openapi):
+    """The validator itself must be able to fail: a misplaced key and a wrong type."""
+    server = render().get("Deployment", SERVER)
+    bad = json.loads(json.dumps(server))
+    pod_spec(bad)["containers"][0]["livenessProbes"] = {}  # typo: unknown field
+    pod_spec(bad)["terminationGracePeriodSeconds"] = "soon"  # not an integer
+    del pod_spec(bad)["containers"][0]["name"]  # required
+    problems = "\n".join(openapi.errors(bad))
+    assert "livenessProbes" in problems
+    assert "terminationGracePeriodSeconds" in problems
+    assert "'name' is a required property" in problems
+    assert openapi.errors({"apiVersion": "apps/v1beta1", "kind": "Deployment", "metadata": {"name": "x"}})
+
+
+@pytest.mark.parametrize("name", VALUE_SETS)
+def test_security_defaults_on_every_pod(name, render):
+    for obj in workloads(render(VALUE_SETS[name])):
+        what = f"{obj['kind']}/{obj['metadata']['name']}"
+        spec = pod_spec(obj)
+        psc = spec["securityContext"]
+        assert psc["runAsNonRoot"] is True, what
+        assert psc["seccompProfile"] == {"type": "RuntimeDefault"}, what
+        for c in spec.get("initContainers", []) + spec["containers"]:
+            sc = c["securityContext"]
+            assert sc["allowPrivilegeEscalation"] is False, what
+            assert sc["capabilities"] == {"drop": ["ALL"]}, what
+            assert sc["readOnlyRootFilesystem"] is True, what
+            mounts = {m["mountPath"] for m in c.get("volumeMounts", [])}
+            assert "/tmp" in mounts, f"{what}/{c['name']}: read-only root needs a writable /tmp"
+        if obj["metadata"]["name"] == f"{FULL}-worker":
+            assert spec["automountServiceAccountToken"] is True
+            assert spec["serviceAccountName"] == f"{FULL}-worker"
+        else:
+            assert spec["automountServiceAccountToken"] is False, f"{what} must not get an API token"
+
+
+@pytest.mark.parametrize("name", VALUE_SETS)
+def test_rbac_is_namespaced_and_minimal(name, render):
+    docs = render(VALUE_SETS[name])
+    assert not docs.all("ClusterRole") and not docs.all("ClusterRoleBinding")
+    role = docs.get("Role", f"{FULL}-worker")
+    rules = {(tuple(r["apiGroups"]), tuple(r["resources"])): set(r["verbs"]) for r in role["rules"]}
+    assert rules == {
+        (("batch",), ("jobs",)): {"create", "get", "list", "watch", "delete", "patch"},
+        (("",), ("pods", "pods/log", "events")): {"get", "list", "watch"},
+    }
+    binding = docs.get("RoleBinding", f"{FULL}-worker")
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": f"{FULL}-worker", "namespace": NAMESPACE}]
+
+
+@pytest.mark.parametrize("name", VALUE_SETS)
+def test_names_and_labels_fit_63_characters_for_long_release_names(name, helm, tmp_path):
+    release = "a-release-name-that-is-long-enough-to-hit-the-limit"
+    cmd = [helm, "template", release, str(CHART), "-n", NAMESPACE, "--kube-version", K8S_VERSION]
+    if VALUE_SETS[name]:
+        (tmp_path / "v.yaml").write_text(yaml.safe_dump(VALUE_SETS[name]))
+        cmd += ["-f", str(tmp_path / "v.yaml")]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    for d in filter(None, yaml.safe_load_all(proc.stdout)):
+        assert len(d["metadata"]["name"]) <= 63, d["metadata"]["name"]
+        for v in d["metadata"].get("labels", {}).values():
+            assert len(str(v)) <= 63, v
+
+
+# --- defaults -------------------------------------------------------------------------
+
+
+def test_defaults_deploy_the_whole_stack(render):
+    docs = render()
+    assert docs.names("Deployment") == {SERVER, f"{FULL}-pool-light", f"{FULL}-pool-heavy", f"{FULL}-worker"}
+    assert docs.names("StatefulSet") == {f"{FULL}-postgresql"}
+    assert docs.names("Service") == {SERVER, f"{FULL}-postgresql"}
+    assert docs.names("PersistentVolumeClaim") == {f"{FULL}-shared"}
+    assert docs.names("PodDisruptionBudget") == {f"{FULL}-pool-light", f"{FULL}-pool-heavy"}
+    hooks = {d["metadata"]["name"]: d["metadata"]["annotations"]["helm.sh/hook"] for d in docs.all("Job")}
+    assert hooks == {f"{FULL}-setup": "post-install,post-upgrade", f"{FULL}-demo": "test"}
+
+
+def test_server_is_one_prefect_server_with_health_probes(render):
+    server = render().get("Deployment", SERVER)
+    assert server["spec"]["replicas"] == 1
+    assert server["spec"]["strategy"] == {"type": "Recreate"}
+    (c,) = pod_spec(server)["containers"]
+    assert c["command"] == ["prefect", "server", "start", "--host", "0.0.0.0", "--port", "4200"]
+    env = env_of(c)
+    assert env["PREFECT_SERVER_ANALYTICS_ENABLED"] == "false"
+    assert env["PREFECT_API_DATABASE_CONNECTION_URL"] == {
+        "secretKeyRef": {"name": f"{FULL}-postgresql", "key": "connection-url"}
+    }
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert c[probe]["httpGet"] == {"path": "/api/health", "port": "http"}
+    assert {"name": "http", "containerPort": 4200, "protocol": "TCP"} in c["ports"]
+    # Waits for PostgreSQL before starting (the server would crash-loop otherwise).
+    (init,) = pod_spec(server)["initContainers"]
+    assert init["command"][-2:] == [f"{FULL}-postgresql", "5432"]
+
+
+def test_server_replicas_is_not_a_value(render_error):
+    assert "replicas" in render_error({"server": {"replicas": 2}})
+
+
+def test_postgres_secret_holds_a_generated_password_and_a_matching_url(render):
+    docs = render()
+    secret = docs.get("Secret", f"{FULL}-postgresql")
+    data = {k: base64.b64decode(v).decode() for k, v in secret["data"].items()}
+    assert len(data["password"]) == 32 and data["password"].isalnum()
+    assert data["connection-url"] == (f"postgresql+asyncpg://prefect:{data['password']}@{FULL}-postgresql:5432/prefect")
+    sts = docs.get("StatefulSet", f"{FULL}-postgresql")
+    (c,) = pod_spec(sts)["containers"]
+    assert c["image"] == "postgres:15-bookworm"
+    env = env_of(c)
+    assert env["POSTGRES_PASSWORD"] == {"secretKeyRef": {"name": f"{FULL}-postgresql", "key": "password"}}
+    assert env["PGDATA"].startswith("/var/lib/postgresql/data/")
+    assert pod_spec(sts)["securityContext"]["runAsUser"] == 999
+    assert sts["spec"]["volumeClaimTemplates"][0]["spec"]["resources"]["requests"]["storage"] == "2Gi"
+    assert sts["spec"]["persistentVolumeClaimRetentionPolicy"]["whenDeleted"] == "Delete"
+
+
+def test_postgres_password_from_values_is_used(render):
+    secret = render({"database": {"postgres": {"password": "given-pw"}}}).get("Secret", f"{FULL}-postgresql")
+    assert base64.b64decode(secret["data"]["password"]).decode() == "given-pw"
+
+
+def test_pools_are_task_worker_deployments(render):
+    docs = render()
+    for pool, limit, replicas in (("light", "8", 2), ("heavy", "1", 1)):
+        dep = docs.get("Deployment", f"{FULL}-pool-{pool}")
+        assert dep["spec"]["replicas"] == replicas
+        (c,) = pod_spec(dep)["containers"]
+        assert c["command"] == ["python", "-m", "flows.worker"]
+        env = env_of(c)
+        assert env["FANOUT_POOL"] == pool
+        assert env["FANOUT_WORKER_LIMIT"] == limit
+        assert env["FANOUT_HEALTH_HOST"] == "0.0.0.0"
+        assert env["FANOUT_HEALTH_PORT"] == "8080"
+        assert env["PREFECT_API_URL"] == API_URL
+        assert env["FANOUT_STORAGE"] == "/shared/fanout"
+        assert c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "health"}
+        assert c["readinessProbe"]["httpGet"] == {"path": "/healthz", "port": "health"}
+        assert {"name": "health", "containerPort": 8080, "protocol": "TCP"} in c["ports"]
+        assert {"name": "shared", "mountPath": "/shared"} in c["volumeMounts"]
+        volumes = {v["name"]: v for v in pod_spec(dep)["volumes"]}
+        assert volumes["shared"]["persistentVolumeClaim"] == {"claimName": f"{FULL}-shared"}
+        pdb = docs.get("PodDisruptionBudget", f"{FULL}-pool-{pool}")
+        assert pdb["spec"]["selector"] == dep["spec"]["selector"]
+        assert pdb["spec"]["maxUnavailable"] == 1
+    heavy = pod_spec(docs.get("Deployment", f"{FULL}-pool-heavy"))
+    assert heavy["nodeSelector"] == {"fanout.io/pool": "large"}
+    assert heavy["tolerations"] == [
+        {"key": "fanout.io/pool", "operator": "Equal", "value": "large", "effect": "NoSchedule"}
+    ]
+    assert heavy["terminationGracePeriodSeconds"] == 600
+    assert heavy["containers"][0]["resources"]["requests"]["cpu"] == "500m"
+    light = pod_spec(docs.get("Deployment", f"{FULL}-pool-light"))
+    assert "nodeSelector" not in light and "tolerations" not in light
+
+
+def test_kubernetes_worker_polls_the_work_pool_of_this_namespace(render):
+    worker = render({"worker": {"workPool": "big-pods"}}).get("Deployment", f"{FULL}-worker")
+    (c,) = pod_spec(worker)["containers"]
+    assert c["command"][:7] == ["prefect", "worker", "start", "--pool", "big-pods", "--type", "kubernetes"]
+    env = env_of(c)
+    assert env["PREFECT_API_URL"] == API_URL
+    assert env["PREFECT_INTEGRATIONS_KUBERNETES_OBSERVER_NAMESPACES"] == NAMESPACE
+
+
+def test_worker_disabled_removes_worker_rbac_and_setup(render):
+    docs = render({"worker": {"enabled": False}})
+    assert f"{FULL}-worker" not in docs.names("Deployment")
+    assert not docs.all("Role") and not docs.all("ServiceAccount")
+    assert f"{FULL}-setup" not in docs.names("Job")
+
+
+# --- database options -----------------------------------------------------------------
+
+
+def test_external_database_reads_the_url_from_the_users_secret(render):
+    docs = render(EXTERNAL_DB)
+    assert not docs.all("StatefulSet")
+    assert f"{FULL}-postgresql" not in docs.names("Secret")
+    server = pod_spec(docs.get("Deployment", SERVER))
+    assert "initContainers" not in server
+    assert env_of(server["containers"][0])["PREFECT_API_DATABASE_CONNECTION_URL"] == {
+        "secretKeyRef": {"name": "prefect-db", "key": "url"}
+    }
+
+
+def test_sqlite_database_lives_on_a_server_volume(render):
+    docs = render(SQLITE)
+    assert not docs.all("StatefulSet")
+    server = pod_spec(docs.get("Deployment", SERVER))
+    c = server["containers"][0]
+    assert env_of(c)["PREFECT_API_DATABASE_CONNECTION_URL"] == "sqlite+aiosqlite:////data/prefect.db"
+    assert {"name": "data", "mountPath": "/data"} in c["volumeMounts"]
+    claim = {v["name"]: v for v in server["volumes"]}["data"]["persistentVolumeClaim"]["claimName"]
+    assert claim in docs.names("PersistentVolumeClaim")
+
+
+# --- pools ----------------------------------------------------------------------------
+
+
+def test_custom_pools(render):
+    docs = render(CUSTOM_POOLS)
+    assert docs.names("Deployment") == {SERVER, f"{FULL}-worker", f"{FULL}-pool-light", f"{FULL}-pool-batch"}
+    light = docs.get("Deployment", f"{FULL}-pool-light")
+    assert light["spec"]["replicas"] == 5
+    assert env_of(pod_spec(light)["containers"][0])["FANOUT_WORKER_LIMIT"] == "3"
+    assert pod_spec(light)["terminationGracePeriodSeconds"] == 30
+    batch = docs.get("Deployment", f"{FULL}-pool-batch")
+    assert env_of(pod_spec(batch)["containers"][0])["FANOUT_POOL"] == "batch"
+    assert docs.get("PodDisruptionBudget", f"{FULL}-pool-batch")["spec"]["maxUnavailable"] == "50%"
+    assert docs.names("PodDisruptionBudget") == {f"{FULL}-pool-light", f"{FULL}-pool-batch"}
+
+
+def test_scaled_pools(render):
+    docs = render(SCALED)
+    assert docs.get("Deployment", f"{FULL}-pool-light")["spec"]["replicas"] == 12
+    assert docs.get("Deployment", f"{FULL}-pool-heavy")["spec"]["replicas"] == 0
+    # Same with --set, the way `make scale` does it.
+    docs = render(None, "--set", "pools.heavy.replicas=3")
+    assert docs.get("Deployment", f"{FULL}-pool-heavy")["spec"]["replicas"] == 3
+
+
+# --- storage --------------------------------------------------------------------------
+
+
+def test_s3_storage_uses_a_block_and_credentials_from_a_secret(render):
+    docs = render(S3)
+    assert not docs.all("PersistentVolumeClaim")
+    for name in (f"{FULL}-pool-light", f"{FULL}-pool-heavy"):
+        spec = pod_spec(docs.get("Deployment", name))
+        env = env_of(spec["containers"][0])
+        assert env["FANOUT_STORAGE"] == "s3-bucket/fanout"
+        assert env["AWS_ACCESS_KEY_ID"] == {"secretKeyRef": {"name": "s3-creds", "key": "AWS_ACCESS_KEY_ID"}}
+        assert env["AWS_SECRET_ACCESS_KEY"] == {"secretKeyRef": {"name": "s3-creds", "key": "AWS_SECRET_ACCESS_KEY"}}
+        assert "shared" not in {v["name"] for v in spec["volumes"]}
+    setup = json.loads(docs.get("ConfigMap", f"{FULL}-setup")["data"]["setup.json"])
+    assert setup["s3"]["bucket"] == "results" and setup["s3"]["endpointUrl"] == "http://minio:9000"
+    flow_env = {e["name"]: e for e in setup["env"]}
+    assert flow_env["FANOUT_STORAGE"]["value"] == "s3-bucket/fanout"
+    assert flow_env["PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK"]["value"] == "s3-bucket/fanout"
+    assert "AWS_SECRET_ACCESS_KEY" in flow_env
+    assert [v["name"] for v in setup["volumes"]] == ["tmp"]
+
+
+def test_hostpath_storage(render):
+    docs = render(HOSTPATH)
+    assert not docs.all("PersistentVolumeClaim")
+    spec = pod_spec(docs.get("Deployment", f"{FULL}-pool-light"))
+    assert {v["name"]: v for v in spec["volumes"]}["shared"]["hostPath"] == {"path": "/mnt/fanout", "type": "Directory"}
+
+
+def test_existing_claim_is_used_and_not_created(render):
+    docs = render({"storage": {"pvc": {"existingClaim": "team-share"}}})
+    assert not docs.all("PersistentVolumeClaim")
+    spec = pod_spec(docs.get("Deployment", f"{FULL}-pool-light"))
+    assert {v["name"]: v for v in spec["volumes"]}["shared"]["persistentVolumeClaim"] == {"claimName": "team-share"}
+
+
+def test_kind_values_share_one_directory_and_keep_light_work_off_the_large_node(render):
+    """ci/kind-values.yaml: every kind node mounts the same host directory at /shared, so
+    pods on any node share storage; only heavy work goes to the large (tainted) node."""
+    docs = render(KIND)
+    for obj in workloads(docs):
+        spec = pod_spec(obj)
+        volumes = {v["name"]: v for v in spec.get("volumes", [])}
+        if "shared" in volumes:
+            assert volumes["shared"]["hostPath"]["path"] == "/shared", obj["metadata"]["name"]
+    light = pod_spec(docs.get("Deployment", f"{FULL}-pool-light"))
+    heavy = pod_spec(docs.get("Deployment", f"{FULL}-pool-heavy"))
+    assert not light.get("nodeSelector") and not light.get("tolerations")
+    assert heavy["nodeSelector"] == {"fanout.io/pool": "large"}
+    flow = json.loads(docs.get("ConfigMap", f"{FULL}-setup")["data"]["setup.json"])["jobVariables"]
+    assert flow["node_selector"] == {"fanout.io/pool": "large"}
+    assert flow["tolerations"] == heavy["tolerations"]
+
+
+# --- the setup hook and the work pool's base job template -------------------------------
+
+
+def test_setup_hook_runs_the_setup_script_with_the_rendered_config(render):
+    docs = render()
+    cm = docs.get("ConfigMap", f"{FULL}-setup")
+    assert cm["data"]["setup.py"] == (CHART / "files" / "setup.py").read_text()
+    job = docs.get("Job", f"{FULL}-setup")
+    (c,) = pod_spec(job)["containers"]
+    assert c["command"] == ["python", "/etc/fanout/setup.py"]
+    assert env_of(c)["PREFECT_API_URL"] == API_URL
+    cfg = json.loads(cm["data"]["setup.json"])
+    assert cfg["workPool"] == "kubernetes"
+    assert cfg["image"] == c["image"] == "fanout/runtime:0.1.0"
+    assert cfg["jobVariables"]["namespace"] == NAMESPACE
+    assert cfg["jobVariables"]["cpu_request"] == "250m"
+
+
+def _setup_module():
+    sys.path.insert(0, str(CHART / "files"))
+    try:
+        import setup as setup_script
+    finally:
+        sys.path.pop(0)
+    return setup_script
+
+
+@pytest.mark.parametrize("name", ["defaults", "s3", "kind"])
+def test_base_job_template_makes_valid_flow_run_jobs(name, render, openapi):
+    """Feed the chart's template through prefect-kubernetes the way its worker does, with
+    per-run job variables for a big pod, and validate the Job it would create."""
+    pytest.importorskip("prefect_kubernetes")
+    from prefect.client.schemas.objects import FlowRun
+    from prefect_kubernetes.worker import KubernetesWorker, KubernetesWorkerJobConfiguration
+
+    cfg = json.loads(render(VALUE_SETS[name]).get("ConfigMap", f"{FULL}-setup")["data"]["setup.json"])
+    template = _setup_module().base_job_template(cfg, KubernetesWorker.get_default_base_job_template())
+    big = {"cpu_request": "2", "cpu_limit": "2", "memory_request": "2Gi", "memory_limit": "2Gi"}
+    # A stand-in client: the template has no block or variable references to resolve, and
+    # without one Prefect would start a temporary server to answer nothing.
+    job_config = asyncio.run(KubernetesWorkerJobConfiguration.from_template_and_values(template, big, client=object()))
+    job_config.prepare_for_flow_run(FlowRun(flow_id=uuid4(), name="big-run"))
+    job = job_config.job_manifest
+    assert not openapi.errors(job), openapi.errors(job)
+    spec = job["spec"]["template"]["spec"]
+    (c,) = spec["containers"]
+    assert c["resources"] == {"requests": {"cpu": "2", "memory": "2Gi"}, "limits": {"cpu": "2", "memory": "2Gi"}}
+    assert c["image"] == "fanout/runtime:0.1.0"
+    assert job["metadata"]["namespace"] == NAMESPACE
+    assert job["spec"]["completions"] == 1 and "completions" not in spec
+    env = env_of(c)
+    assert env["FANOUT_STORAGE"] == cfg["env"][0]["value"]
+    assert "PREFECT__FLOW_RUN_ID" in env  # prefect-kubernetes still adds its own
+    assert spec["securityContext"]["runAsNonRoot"] is True
+    assert c["securityContext"]["readOnlyRootFilesystem"] is True
+    assert spec["automountServiceAccountToken"] is False
+    assert spec.get("nodeSelector", {}) == cfg["jobVariables"]["node_selector"]
+    assert {m["mountPath"] for m in c["volumeMounts"]} >= {"/tmp"}
+    if name != "s3":
+        assert {"name": "shared", "mountPath": "/shared"} in c["volumeMounts"]
+
+
+def test_base_job_template_defaults_come_from_values(render):
+    pytest.importorskip("prefect_kubernetes")
+    from prefect_kubernetes.worker import KubernetesWorker
+
+    values = {"flowRuns": {"cpuLimit": "3", "memoryRequest": "3Gi", "nodeSelector": {"fanout.io/pool": "large"}}}
+    cfg = json.loads(render(values).get("ConfigMap", f"{FULL}-setup")["data"]["setup.json"])
+    props = _setup_module().base_job_template(cfg, KubernetesWorker.get_default_base_job_template())["variables"][
+        "properties"
+    ]
+    assert props["cpu_limit"]["default"] == "3"
+    assert props["memory_request"]["default"] == "3Gi"
+    assert props["node_selector"]["default"] == {"fanout.io/pool": "large"}
+    assert props["namespace"]["default"] == NAMESPACE
+
+
+# --- the demo Job ---------------------------------------------------------------------
+
+
+def test_demo_job_runs_the_fanout_with_the_worker_environment(render):
+    docs = render({"demo": {"items": 777}})
+    job = docs.get("Job", f"{FULL}-demo")
+    (c,) = pod_spec(job)["containers"]
+    assert c["command"][:5] == ["python", "-m", "flows.fanout", "--items", "777"]
+    extra = render(None, "--set", "demo.extraArgs={--heavy-cpus,2}").get("Job", f"{FULL}-demo")
+    assert pod_spec(extra)["containers"][0]["command"][-2:] == ["--heavy-cpus", "2"]
+    env = env_of(c)
+    light_env = env_of(pod_spec(docs.get("Deployment", f"{FULL}-pool-light"))["containers"][0])
+    for key in ("PREFECT_API_URL", "FANOUT_STORAGE"):
+        assert env[key] == light_env[key]
+    assert {"name": "shared", "mountPath": "/shared"} in c["volumeMounts"]
+
+
+# --- lint and rejected values ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", VALUE_SETS)
+def test_helm_lint(name, helm, tmp_path):
+    cmd = [helm, "lint", "--strict", str(CHART), "--kube-version", K8S_VERSION]
+    if VALUE_SETS[name]:
+        (tmp_path / "v.yaml").write_text(yaml.safe_dump(VALUE_SETS[name]))
+        cmd += ["-f", str(tmp_path / "v.yaml")]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "0 chart(s) failed" in proc.stdout
+
+
+BAD_VALUES = [
+    ({"pools": {"light": {"replicas": -1}}}, "/pools/light/replicas"),
+    ({"pools": {"light": {"replica": 2}}}, "'replica' not allowed"),
+    ({"pools": {"light": {"limit": 0}}}, "/pools/light/limit"),
+    ({"pools": {"Heavy_Pool": {"replicas": 1}}}, "Heavy_Pool"),
+    ({"pools": {"x" * 31: {"replicas": 1}}}, "x" * 31),
+    ({"image": {"tag": ""}}, "/image/tag"),
+    ({"image": {"tag": None}}, "tag"),
+    ({"image": {"repository": ""}}, "/image/repository"),
+    ({"database": {"type": "mysql"}}, "/database/type"),
+    ({"database": {"type": "external"}}, "database.external.existingSecret is required"),
+    ({"database": {"postgres": {"password": "p@ss word"}}}, "/database/postgres/password"),
+    ({"storage": {"type": "s3"}}, "storage.s3.bucket is required"),
+    ({"storage": {"type": "s3", "s3": {"bucket": "b"}}}, "storage.s3.existingSecret is required"),
+    ({"storage": {"type": "nfs"}}, "/storage/type"),
+    ({"server": {"service": {"port": 0}}}, "/server/service/port"),
+    ({"unknownTopLevel": 1}, "'unknownTopLevel' not allowed"),
+]
+
+
+@pytest.mark.parametrize(("values", "message"), BAD_VALUES, ids=[m for _, m in BAD_VALUES])
+def test_bad_values_are_rejected_naming_the_value(values, message, render_error):
+    assert message in render_error(values)
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"pools": {"light": {"replicas": -1}}}, "pools.light.replicas must be >= 0"),
+        ({"pools": {"light": {"replica": 2}}}, "pools.light.replica is not a pool setting"),
+        ({"pools": {"Heavy_Pool": {"replicas": 1}}}, "pools.Heavy_Pool: a pool name must be"),
+        ({"image": {"tag": ""}}, "image.tag is required"),
+    ],
+)
+def test_template_validation_also_names_the_value_without_the_schema(values, message, render_error):
+    assert message in render_error(values, "--skip-schema-validation")

@@ -1,0 +1,318 @@
+"""The whole stack on the kind cluster: `helm install` of charts/fanout, fan-outs through the
+task-worker pods, scaling and disruption mid-run, a heavy subflow in a 2-CPU pod, RBAC,
+upgrade, uninstall and bad values.
+
+One release serves the tests of this module in order (installing it takes minutes on our
+2-core machines). The runtime image must be built and loaded into the cluster already:
+`make e2e` does that and passes its tag in $FANOUT_RUNTIME_IMAGE.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+import yaml
+from e2e_kube import BIN_DIR, REPO, Cluster, eventually, scaled
+
+from flows.workload import checksum_item
+
+HELM = os.environ.get("HELM", str(BIN_DIR / "helm"))
+CHART = REPO / "charts" / "fanout"
+KIND_VALUES = CHART / "ci" / "kind-values.yaml"
+RELEASE = "fanout"
+LIGHT = f"{RELEASE}-pool-light"
+
+
+def _runtime_image() -> tuple[str, str]:
+    image = os.environ.get("FANOUT_RUNTIME_IMAGE", "")
+    if ":" not in image:
+        pytest.fail("set FANOUT_RUNTIME_IMAGE to the loaded runtime image (`make e2e` does)", pytrace=False)
+    repo, tag = image.rsplit(":", 1)
+    return repo, tag
+
+
+@dataclass
+class Stack:
+    cluster: Cluster
+    namespace: str
+    image: tuple[str, str]
+
+    def helm(self, *args: str, check: bool = True, timeout: float = 900) -> subprocess.CompletedProcess[str]:
+        cmd = [HELM, "--kubeconfig", self.cluster.kubeconfig, "-n", self.namespace, *args]
+        result = subprocess.run(cmd, capture_output=True, text=True, timeout=scaled(timeout))
+        if check and result.returncode != 0:
+            raise AssertionError(f"helm {' '.join(args)} failed:\n{result.stderr}{result.stdout}")
+        return result
+
+    def image_args(self) -> list[str]:
+        return ["--set", f"image.repository={self.image[0]}", "--set", f"image.tag={self.image[1]}"]
+
+    def k(self, *args: str, **kw: Any) -> subprocess.CompletedProcess[str]:
+        return self.cluster.kubectl("-n", self.namespace, *args, **kw)
+
+    def pods(self, selector: str) -> list[dict[str, Any]]:
+        return self.cluster.pods(self.namespace, selector)
+
+    def ready_pods(self, selector: str) -> list[str]:
+        return [
+            p["metadata"]["name"]
+            for p in self.pods(selector)
+            if not p["metadata"].get("deletionTimestamp")
+            and any(c["type"] == "Ready" and c["status"] == "True" for c in p["status"].get("conditions", []))
+        ]
+
+    def scale(self, deployment: str, replicas: int) -> None:
+        self.k("scale", f"deployment/{deployment}", f"--replicas={replicas}")
+
+    def wait_rollout(self, deployment: str, timeout: float = 600) -> None:
+        self.k(
+            "rollout", "status", f"deployment/{deployment}", f"--timeout={int(scaled(timeout))}s", timeout=timeout + 30
+        )
+
+    def completed_task_lines(self, selector: str) -> int:
+        """Task runs the pods matching `selector` have logged as Completed so far."""
+        out = self.k("logs", "-l", selector, "--tail=-1", "--max-log-requests=20", check=False).stdout
+        return sum(" Completed" in line for line in out.splitlines())
+
+    # --- fan-outs as Jobs, from the chart's own demo Job (same env, volumes, security) ---
+
+    def start_fanout(self, *args: str) -> str:
+        rendered = self.helm(
+            "template", RELEASE, str(CHART), "--kube-version", os.environ.get("K8S_VERSION", "v1.33.13"),
+            "-f", str(KIND_VALUES), *self.image_args(), "--show-only", "templates/tests/demo.yaml",
+        ).stdout  # fmt: skip
+        job = yaml.safe_load(rendered)
+        job = copy.deepcopy(job)
+        name = f"fanout-e2e-{uuid.uuid4().hex[:6]}"
+        job["metadata"]["name"] = name
+        job["metadata"].pop("annotations", None)
+        container = job["spec"]["template"]["spec"]["containers"][0]
+        container["command"] = ["python", "-m", "flows.fanout", "--json", "-", "--timeout", "1200", *args]
+        self.k("create", "-f", "-", input=json.dumps(job))
+        return name
+
+    def wait_fanout(self, job: str, timeout: float = 1200) -> dict[str, Any]:
+        def finished() -> bool:
+            status = self.cluster.json("-n", self.namespace, "get", "job", job).get("status", {})
+            return bool(status.get("succeeded") or status.get("failed"))
+
+        eventually(finished, timeout=timeout, interval=3, message=f"fan-out job {job} finishes")
+        logs = self.k("logs", f"job/{job}", timeout=120).stdout
+        for line in logs.splitlines():
+            if line.startswith("FANOUT-SUMMARY "):
+                return json.loads(line.removeprefix("FANOUT-SUMMARY "))
+        raise AssertionError(f"job {job} printed no summary:\n{logs[-4000:]}")
+
+
+@pytest.fixture(scope="module")
+def stack(cluster: Cluster, request: pytest.FixtureRequest) -> Iterator[Stack]:
+    ns = f"e2e-stack-{uuid.uuid4().hex[:5]}"
+    cluster.kubectl("create", "namespace", ns)
+    cluster.kubectl("label", "namespace", ns, "fanout.io/e2e=true")
+    s = Stack(cluster, ns, _runtime_image())
+    failed = False
+    try:
+        s.helm(
+            "install", RELEASE, str(CHART), "-f", str(KIND_VALUES), *s.image_args(),
+            "--wait", "--wait-for-jobs", "--timeout", f"{int(scaled(900))}s", timeout=960,
+        )  # fmt: skip
+        yield s
+        failed = request.session.testsfailed > 0
+    except BaseException:
+        failed = True
+        raise
+    finally:
+        if failed:
+            print(f"\n===== state of {ns} (a stack test failed) =====\n{cluster.dump(ns)}")
+        s.helm("uninstall", RELEASE, "--wait", "--timeout", "300s", check=False)
+        cluster.kubectl("delete", "namespace", ns, "--wait=false", check=False)
+
+
+def _items_exactly_once(summary: dict[str, Any], n: int) -> None:
+    items = [r["item"] for r in summary["results"]]
+    assert summary["failed"] == {}, summary["failed"]
+    assert sorted(items) == list(range(n)), "every item exactly once"
+
+
+def _pod_of(worker_id: str) -> str:
+    return worker_id.rsplit("-", 1)[0]  # "<pod name>-<pid>"
+
+
+# --- install and fan out ----------------------------------------------------------------
+
+
+def test_helm_install_brings_every_pod_ready(stack: Stack) -> None:
+    pods = stack.pods(f"app.kubernetes.io/instance={RELEASE}")
+    running = [p for p in pods if p["status"]["phase"] == "Running"]
+    assert running, "no pods"
+    for p in running:
+        name = p["metadata"]["name"]
+        assert all(c["ready"] for c in p["status"]["containerStatuses"]), f"{name} not ready"
+    assert len(stack.ready_pods("fanout.io/pool=light")) == 3
+    assert len(stack.ready_pods("fanout.io/pool=heavy")) == 1
+    setup = stack.cluster.json("-n", stack.namespace, "get", "job", f"{RELEASE}-setup")
+    assert setup["status"].get("succeeded") == 1, "the setup hook registered the work pool and crunch deployment"
+
+
+def test_fanout_of_500_items_spreads_over_the_light_pods(stack: Stack) -> None:
+    light = set(stack.ready_pods("fanout.io/pool=light"))
+    summary = stack.wait_fanout(stack.start_fanout("--items", "500", "--chunk-size", "5", "--heavy-batches", "0"))
+    _items_exactly_once(summary, 500)
+    for r in summary["results"]:
+        want = checksum_item(r["item"])
+        assert {k: r[k] for k in want} == json.loads(json.dumps(want)), r
+    per_pod: dict[str, int] = {}
+    for worker, n in summary["per_worker"].items():
+        per_pod[_pod_of(worker)] = per_pod.get(_pod_of(worker), 0) + n
+    assert set(per_pod) == light, f"every light pod handled a share: {per_pod}"
+
+
+def test_scaling_the_light_pool_up_mid_run_puts_new_pods_to_work(stack: Stack) -> None:
+    before = set(stack.ready_pods("fanout.io/pool=light"))
+    job = stack.start_fanout("--items", "240", "--chunk-size", "1", "--item-sleep", "3", "--heavy-batches", "0")
+    eventually(lambda: stack.completed_task_lines("fanout.io/pool=light") > 0, timeout=300, message="work started")
+    stack.scale(LIGHT, 5)
+    summary = stack.wait_fanout(job)
+    _items_exactly_once(summary, 240)
+    pods = {_pod_of(w) for w in summary["per_worker"]}
+    assert pods - before, f"the new pods took work: {summary['per_worker']}"
+    stack.wait_rollout(LIGHT)
+
+
+def test_scaling_the_light_pool_down_mid_run_loses_nothing(stack: Stack) -> None:
+    stack.scale(LIGHT, 5)
+    stack.wait_rollout(LIGHT)
+    job = stack.start_fanout("--items", "150", "--chunk-size", "1", "--item-sleep", "2", "--heavy-batches", "0")
+    eventually(lambda: stack.completed_task_lines("fanout.io/pool=light") > 10, timeout=300, message="work started")
+    stack.scale(LIGHT, 1)
+    summary = stack.wait_fanout(job)
+    _items_exactly_once(summary, 150)
+    stack.wait_rollout(LIGHT)
+
+
+def test_force_deleting_busy_workers_loses_nothing(stack: Stack) -> None:
+    stack.scale(LIGHT, 3)
+    stack.wait_rollout(LIGHT)
+    job = stack.start_fanout("--items", "120", "--chunk-size", "1", "--item-sleep", "3", "--heavy-batches", "0")
+    eventually(lambda: stack.completed_task_lines("fanout.io/pool=light") > 5, timeout=300, message="work started")
+    victims = stack.ready_pods("fanout.io/pool=light")[:2]
+    stack.k("delete", "pod", *victims, "--force", "--grace-period=0")
+    summary = stack.wait_fanout(job)
+    _items_exactly_once(summary, 120)
+    assert summary["redelivered"] > 0, "runs held by the killed pods were delivered again"
+    stack.wait_rollout(LIGHT)
+
+
+def test_deleting_the_server_pod_mid_run_loses_nothing(stack: Stack) -> None:
+    job = stack.start_fanout("--items", "120", "--chunk-size", "1", "--item-sleep", "2", "--heavy-batches", "0")
+    eventually(lambda: stack.completed_task_lines("fanout.io/pool=light") > 5, timeout=300, message="work started")
+    stack.k("delete", "pod", "-l", "app.kubernetes.io/component=server", "--wait=false")
+    summary = stack.wait_fanout(job)
+    _items_exactly_once(summary, 120)
+    stack.wait_rollout(f"{RELEASE}-server")
+
+
+# --- a heavy subflow in a big pod -------------------------------------------------------
+
+
+def test_heavy_subflow_runs_in_a_pod_of_2_cpus_on_the_large_node(stack: Stack) -> None:
+    summary = stack.wait_fanout(
+        stack.start_fanout("--items", "4", "--heavy-batches", "1", "--heavy-cpus", "2", "--heavy-memory", "1Gi")
+    )
+    assert summary["heavy_failed"] == {}, summary["heavy_failed"]
+    (heavy,) = summary["heavy"]
+    assert heavy["processes"] == 2 and len(heavy["pids"]) == 2, heavy
+    pod_name = _pod_of(heavy["worker"])
+    pod = stack.cluster.json("-n", stack.namespace, "get", "pod", pod_name)
+    resources = pod["spec"]["containers"][0]["resources"]
+    assert resources["requests"]["cpu"] == "2" and resources["limits"]["cpu"] == "2", resources
+    node = stack.cluster.json("get", "node", pod["spec"]["nodeName"])
+    assert node["metadata"]["labels"].get("fanout.io/pool") == "large"
+
+
+# --- least privilege --------------------------------------------------------------------
+
+
+def test_service_accounts_cannot_read_secrets(stack: Stack) -> None:
+    def can(sa: str, verb: str, resource: str, namespace: str) -> bool:
+        r = stack.cluster.kubectl(
+            "auth", "can-i", verb, resource, "-n", namespace,
+            f"--as=system:serviceaccount:{stack.namespace}:{sa}", check=False,
+        )  # fmt: skip
+        return r.stdout.strip() == "yes"
+
+    accounts = {
+        p["spec"].get("serviceAccountName", "default") for p in stack.pods(f"app.kubernetes.io/instance={RELEASE}")
+    }
+    assert f"{RELEASE}-worker" in accounts
+    for sa in accounts:
+        for verb in ("get", "list"):
+            assert not can(sa, verb, "secrets", stack.namespace), f"{sa} can {verb} secrets"
+            assert not can(sa, verb, "secrets", "kube-system"), f"{sa} can {verb} secrets in kube-system"
+    # The Kubernetes worker launches flow-run Jobs here, and nowhere else.
+    assert can(f"{RELEASE}-worker", "create", "jobs", stack.namespace)
+    assert not can(f"{RELEASE}-worker", "create", "jobs", "default")
+
+
+# --- upgrade, uninstall -----------------------------------------------------------------
+
+
+def test_helm_upgrade_resizes_pools_then_uninstall_leaves_nothing(stack: Stack) -> None:
+    stack.helm(
+        "upgrade", RELEASE, str(CHART), "-f", str(KIND_VALUES), *stack.image_args(),
+        "--set", "pools.light.replicas=2", "--set", "pools.heavy.replicas=0",
+        "--wait", "--timeout", f"{int(scaled(600))}s",
+    )  # fmt: skip
+    eventually(lambda: len(stack.pods("fanout.io/pool=light")) == 2, timeout=300, message="light pool at 2")
+    eventually(lambda: not stack.pods("fanout.io/pool=heavy"), timeout=300, message="heavy pool at 0")
+    assert len(stack.ready_pods("fanout.io/pool=light")) == 2
+
+    stack.helm("uninstall", RELEASE, "--wait", "--timeout", f"{int(scaled(300))}s")
+    kinds = "all,pvc,secret,configmap,serviceaccount,role,rolebinding,pdb,networkpolicy"
+
+    def leftovers() -> list[str]:
+        items = stack.cluster.json("-n", stack.namespace, "get", kinds)["items"]
+        names = [f"{i['kind']}/{i['metadata']['name']}" for i in items]
+        # What every namespace has; and the e2e fan-out Jobs this module created itself.
+        return [
+            n for n in names
+            if n not in ("ServiceAccount/default", "ConfigMap/kube-root-ca.crt") and "fanout-e2e-" not in n
+        ]  # fmt: skip
+
+    eventually(lambda: not leftovers(), timeout=180, message="nothing left after uninstall")
+
+
+# --- bad values -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("values", "named"),
+    [
+        (["--set", "pools.light.replicas=-1"], "replicas"),
+        (["--set", "pools.bogus.replicas=1"], "bogus"),
+        (["--set", "image.repository="], "image.repository"),
+    ],
+)
+def test_helm_install_with_bad_values_fails_naming_the_value(
+    cluster: Cluster, values: list[str], named: str, tmp_path: Any
+) -> None:
+    ns = f"e2e-bad-{uuid.uuid4().hex[:5]}"
+    cluster.kubectl("create", "namespace", ns)
+    try:
+        s = Stack(cluster, ns, ("fanout/runtime", "x"))
+        r = s.helm("install", "bad", str(CHART), "-f", str(KIND_VALUES), *values, check=False, timeout=120)
+        assert r.returncode != 0
+        assert named in r.stderr, r.stderr
+        items = cluster.json("-n", ns, "get", "all,secret,configmap,pvc")["items"]
+        assert [i["metadata"]["name"] for i in items if i["kind"] != "ConfigMap"] == [], "nothing half-done"
+        assert s.helm("list", "-q").stdout.strip() == ""
+    finally:
+        cluster.kubectl("delete", "namespace", ns, "--wait=false", check=False)

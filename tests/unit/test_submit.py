@@ -1,0 +1,34 @@
+"""`submit_many` relies on two Prefect internals; a Prefect upgrade that moves them must
+fail here, loudly, rather than silently fall back to slow or wrong submission."""
+
+import inspect
+
+import prefect.tasks
+import pytest
+from prefect import Task
+
+from flows.submit import _context_serialized_once, submit_many
+from flows.tasks import process_chunk
+
+
+def test_prefect_internals_submit_many_patches_still_exist() -> None:
+    assert callable(prefect.tasks.serialize_context)
+    params = inspect.signature(Task.create_run).parameters
+    assert {"client", "parameters", "deferred"} <= params.keys()
+
+
+def test_context_is_serialised_once_and_restored() -> None:
+    original = prefect.tasks.serialize_context
+    with _context_serialized_once():
+        first = prefect.tasks.serialize_context()
+        assert prefect.tasks.serialize_context() is first
+    assert prefect.tasks.serialize_context is original
+
+
+def test_bad_concurrency_is_rejected_before_any_submission() -> None:
+    with pytest.raises(ValueError, match="concurrency must be >= 1"):
+        submit_many(process_chunk, [{"start": 0, "stop": 1}], concurrency=0)
+
+
+def test_nothing_to_submit_needs_no_server() -> None:
+    assert submit_many(process_chunk, []) == []

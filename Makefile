@@ -69,7 +69,7 @@ test: lint test-unit chart-test test-integration ## Everything that needs no clu
 e2e: install cluster images ## The whole stack on a local kind cluster: tools, cluster, images, load, chart e2e tests
 	$(KIND) load docker-image --name $(CLUSTER_NAME) $(RUNTIME_IMAGE) $(POSTGRES_IMAGE)
 	cd tests && KIND=$(KIND) KUBECTL=$(KUBECTL) HELM=$(HELM) CLUSTER_NAME=$(CLUSTER_NAME) \
-	  FANOUT_RUNTIME_IMAGE=$(RUNTIME_IMAGE) $(PY) -m pytest e2e -v $(E2E_ARGS)
+	  FANOUT_RUNTIME_IMAGE=$(RUNTIME_IMAGE) $(PY) -m pytest -v $(or $(E2E_ARGS),e2e)
 
 # --- benchmark ---------------------------------------------------------------------
 

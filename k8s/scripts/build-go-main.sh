@@ -8,7 +8,7 @@ set -euo pipefail
 src=$(cd "${1:?usage: build-go-main.sh DIR NAME}" && pwd)
 name=${2:?usage: build-go-main.sh DIR NAME}
 cache=${FANOUT_CACHE:-$HOME/.cache/fanout}
-go=${GO:-$(command -v go || echo /usr/local/go/bin/go)}
+go=$("$(cd "$(dirname "$0")" && pwd)/ensure-go.sh")
 export GOMODCACHE="$cache/go/mod" GOCACHE="$cache/go/build" GOTOOLCHAIN=local GOFLAGS=-buildvcs=false
 export CGO_ENABLED=0
 

@@ -17,7 +17,7 @@ cmds=("$@")
 
 cache=${FANOUT_CACHE:-$HOME/.cache/fanout}
 out="$cache/k8s/$version/bin"
-go=${GO:-$(command -v go || echo /usr/local/go/bin/go)}
+go=$("$(cd "$(dirname "$0")" && pwd)/ensure-go.sh")
 export GOMODCACHE="$cache/go/mod" GOCACHE="$cache/go/build" GOTOOLCHAIN=local GOFLAGS=-buildvcs=false
 export CGO_ENABLED=0
 

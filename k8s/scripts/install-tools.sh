@@ -12,7 +12,7 @@ bin_dir=${1:?usage: install-tools.sh BIN_DIR KIND_VERSION KUBECTL_VERSION HELM_V
 kind_version=${2:?} kubectl_version=${3:?} helm_version=${4:?}
 here=$(cd "$(dirname "$0")" && pwd)
 cache=${FANOUT_CACHE:-$HOME/.cache/fanout}
-go=${GO:-$(command -v go || echo /usr/local/go/bin/go)}
+go=$("$(cd "$(dirname "$0")" && pwd)/ensure-go.sh")
 mkdir -p "$bin_dir" "$cache/bin"
 
 # One quick probe decides the path for all three tools; FANOUT_OFFLINE=1/0 forces it.

@@ -7,7 +7,7 @@ import prefect.tasks
 import pytest
 from prefect import Task
 
-from flows.submit import _context_serialized_once, submit_many
+from flows.submit import PayloadTooLarge, _context_serialized_once, check_payloads, submit_many
 from flows.tasks import process_chunk
 
 
@@ -32,3 +32,10 @@ def test_bad_concurrency_is_rejected_before_any_submission() -> None:
 
 def test_nothing_to_submit_needs_no_server() -> None:
     assert submit_many(process_chunk, []) == []
+
+
+def test_an_oversized_call_refuses_the_whole_batch_naming_the_call() -> None:
+    calls = [{"start": 0, "stop": 1}, {"start": 1, "stop": 2, "fail_items": list(range(50_000))}]
+    with pytest.raises(PayloadTooLarge, match=r"call #1 are [\d,]+ bytes, over the 100,000-byte limit"):
+        check_payloads(process_chunk, calls, limit=100_000)
+    check_payloads(process_chunk, calls[:1], limit=100_000)  # small ones pass

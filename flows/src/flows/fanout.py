@@ -30,12 +30,17 @@ from prefect.variables import Variable
 
 from flows import workload
 from flows.liveness import recovered_name
-from flows.submit import submit_many
+from flows.submit import check_payloads, submit_many
 from flows.tasks import ChunkFailed, heavy_batch, process_chunk
 
 MAX_AUTO_TASK_RUNS = 100
 CRUNCH_DEPLOYMENT = "crunch/crunch"  # registered by `python -m flows.deploy`
 POLL_PAGE = 200  # the API's default page size
+# Upper bounds: one fan-out of more than this is a mistake (a typo'd count) or needs
+# splitting; either way it must fail before it floods the server, not halfway through.
+MAX_ITEMS = 10_000_000
+MAX_TASK_RUNS = 100_000
+MAX_HEAVY_BATCHES = 10_000
 
 
 def auto_chunk_size(items: int) -> int:
@@ -64,10 +69,19 @@ def validate(
     problems = []
     if items < 1:
         problems.append(f"items must be >= 1, got {items}")
+    if items > MAX_ITEMS:
+        problems.append(f"items must be <= {MAX_ITEMS:,} per fan-out, got {items:,}")
     if chunk_size is not None and chunk_size < 1:
         problems.append(f"chunk_size must be >= 1 (or omitted for automatic), got {chunk_size}")
+    elif chunk_size is not None and 0 < items <= MAX_ITEMS and math.ceil(items / chunk_size) > MAX_TASK_RUNS:
+        problems.append(
+            f"chunk_size {chunk_size} would create {math.ceil(items / chunk_size):,} task runs, more than "
+            f"{MAX_TASK_RUNS:,}: use chunk_size >= {math.ceil(items / MAX_TASK_RUNS)} (or omit it)"
+        )
     if heavy_batches < 0:
         problems.append(f"heavy_batches must be >= 0, got {heavy_batches}")
+    if heavy_batches > MAX_HEAVY_BATCHES:
+        problems.append(f"heavy_batches must be <= {MAX_HEAVY_BATCHES:,}, got {heavy_batches:,}")
     if heavy_segments < 1:
         problems.append(f"heavy_segments must be >= 1, got {heavy_segments}")
     if heavy_span < 1:
@@ -246,6 +260,20 @@ def fanout(
     fail = set(fail_items)
     crash = set(crash_items or ())
 
+    ranges = list(_chunks(items, size))
+    calls = [
+        {
+            "start": rng.start,
+            "stop": rng.stop,
+            "fail_items": [i for i in rng if i in fail] or None,
+            "sleep_s": item_sleep,
+            "crash_items": [i for i in rng if i in crash] or None,
+            "work": work,
+        }
+        for rng in ranges
+    ]
+    check_payloads(process_chunk, calls)  # all or nothing: before the first run exists
+
     heavy: dict[UUID, int] = {}
     heavy_unsubmitted: dict[int, str] = {}
     for b in range(heavy_batches):
@@ -269,18 +297,6 @@ def fanout(
             heavy_unsubmitted[b] = f"submission failed: {exc}"
 
     pending: dict[UUID, range] = {}  # task run -> the items it carries
-    ranges = list(_chunks(items, size))
-    calls = [
-        {
-            "start": rng.start,
-            "stop": rng.stop,
-            "fail_items": [i for i in rng if i in fail] or None,
-            "sleep_s": item_sleep,
-            "crash_items": [i for i in rng if i in crash] or None,
-            "work": work,
-        }
-        for rng in ranges
-    ]
     for rng, created in zip(ranges, submit_many(process_chunk, calls), strict=True):
         if isinstance(created, Exception):  # reported, not lost
             summary.failed.update({i: f"submission failed: {created}" for i in rng})

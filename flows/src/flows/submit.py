@@ -21,16 +21,41 @@ import concurrent.futures
 import contextlib
 import contextvars
 import copy
+import os
 import threading
 from collections.abc import Iterator, Sequence
 from typing import Any
 from uuid import UUID
 
+import cloudpickle
 import prefect.tasks
 from prefect import Task
 from prefect.context import AsyncClientContext, serialize_context
 from prefect.results import aresolve_result_storage
 from prefect.utilities.engine import emit_task_run_state_change_event
+
+# Parameters of one task run larger than this are refused before anything is submitted:
+# they go through shared storage and the worker's memory once per run, and a fan-out item
+# that big belongs in storage, passed by reference.
+MAX_PARAMETER_BYTES = int(os.environ.get("FANOUT_MAX_PARAMETER_BYTES", 1 << 20))
+
+
+class PayloadTooLarge(ValueError):
+    """The parameters of a call are over MAX_PARAMETER_BYTES; nothing was submitted."""
+
+
+def check_payloads(task: Task[..., Any], calls: Sequence[dict[str, Any]], limit: int | None = None) -> None:
+    """Refuse the whole batch, naming the call, if any call's parameters are too large."""
+    limit = MAX_PARAMETER_BYTES if limit is None else limit
+    for i, parameters in enumerate(calls):
+        size = len(cloudpickle.dumps(parameters))
+        if size > limit:
+            raise PayloadTooLarge(
+                f"parameters of {task.name} call #{i} are {size:,} bytes, over the {limit:,}-byte limit "
+                "(FANOUT_MAX_PARAMETER_BYTES); nothing was submitted. Pass large data by reference "
+                "(a path or key in shared storage)."
+            )
+
 
 # `prefect.tasks` looks `serialize_context` up as a module global on every create_run;
 # this lock keeps two concurrent batches in one process from swapping each other's.
@@ -78,11 +103,13 @@ def submit_many(task: Task[..., Any], calls: Sequence[dict[str, Any]], concurren
     """Create one deferred run of `task` per parameter dict (the task's parameter names
     as keys, as `delay(**kwargs)` would bind them); returns, in order, each run's id or
     the exception that prevented its creation, so the caller can account for every item.
+    Raises PayloadTooLarge, before creating any run, if one call's parameters are too big.
     """
     if concurrency < 1:
         raise ValueError(f"concurrency must be >= 1, got {concurrency}")
     if not calls:
         return []
+    check_payloads(task, calls)
     with _context_serialized_once():
         try:
             asyncio.get_running_loop()

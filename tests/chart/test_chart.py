@@ -19,7 +19,10 @@ from conftest import CHART, K8S_VERSION, NAMESPACE, RELEASE
 
 FULL = f"{RELEASE}-fanout"
 SERVER = f"{FULL}-server"
+REAPER = f"{FULL}-reaper"
 API_URL = f"http://{SERVER}:4200/api"
+AUTH_SECRET = f"{FULL}-auth"
+AUTH_REF = {"secretKeyRef": {"name": AUTH_SECRET, "key": "auth-string"}}
 
 # Value sets every structural test runs over (name -> values).
 EXTERNAL_DB = {"database": {"type": "external", "external": {"existingSecret": "prefect-db", "key": "url"}}}
@@ -39,6 +42,8 @@ S3 = {
 }
 SCALED = {"pools": {"light": {"replicas": 12}, "heavy": {"replicas": 0}}}
 HOSTPATH = {"storage": {"type": "hostPath", "hostPath": {"path": "/mnt/fanout"}}}
+NO_AUTH_NO_REAPER = {"auth": {"enabled": False}, "reaper": {"enabled": False}}
+LOCKED_DOWN = {"auth": {"existingSecret": "team-auth"}, "networkPolicy": {"enabled": True}}
 KIND = yaml.safe_load((CHART / "ci" / "kind-values.yaml").read_text())
 VALUE_SETS = {
     "defaults": None,
@@ -49,6 +54,8 @@ VALUE_SETS = {
     "scaled": SCALED,
     "hostpath": HOSTPATH,
     "kind": KIND,
+    "no-auth-no-reaper": NO_AUTH_NO_REAPER,
+    "locked-down": LOCKED_DOWN,
 }
 
 
@@ -146,8 +153,11 @@ def test_names_and_labels_fit_63_characters_for_long_release_names(name, helm, t
 
 def test_defaults_deploy_the_whole_stack(render):
     docs = render()
-    assert docs.names("Deployment") == {SERVER, f"{FULL}-pool-light", f"{FULL}-pool-heavy", f"{FULL}-worker"}
+    assert docs.names("Deployment") == {SERVER, f"{FULL}-pool-light", f"{FULL}-pool-heavy", f"{FULL}-worker", REAPER}
     assert docs.names("StatefulSet") == {f"{FULL}-postgresql"}
+    assert docs.names("Secret") == {f"{FULL}-postgresql", AUTH_SECRET}
+    assert docs.names("ServiceAccount") == {f"{FULL}-worker", REAPER}
+    assert not docs.all("NetworkPolicy")
     assert docs.names("Service") == {SERVER, f"{FULL}-postgresql"}
     assert docs.names("PersistentVolumeClaim") == {f"{FULL}-shared"}
     assert docs.names("PodDisruptionBudget") == {f"{FULL}-pool-light", f"{FULL}-pool-heavy"}
@@ -246,7 +256,7 @@ def test_kubernetes_worker_polls_the_work_pool_of_this_namespace(render):
 def test_worker_disabled_removes_worker_rbac_and_setup(render):
     docs = render({"worker": {"enabled": False}})
     assert f"{FULL}-worker" not in docs.names("Deployment")
-    assert not docs.all("Role") and not docs.all("ServiceAccount")
+    assert not docs.all("Role") and docs.names("ServiceAccount") == {REAPER}
     assert f"{FULL}-setup" not in docs.names("Job")
 
 
@@ -280,7 +290,7 @@ def test_sqlite_database_lives_on_a_server_volume(render):
 
 def test_custom_pools(render):
     docs = render(CUSTOM_POOLS)
-    assert docs.names("Deployment") == {SERVER, f"{FULL}-worker", f"{FULL}-pool-light", f"{FULL}-pool-batch"}
+    assert docs.names("Deployment") == {SERVER, f"{FULL}-worker", REAPER, f"{FULL}-pool-light", f"{FULL}-pool-batch"}
     light = docs.get("Deployment", f"{FULL}-pool-light")
     assert light["spec"]["replicas"] == 5
     assert env_of(pod_spec(light)["containers"][0])["FANOUT_WORKER_LIMIT"] == "3"
@@ -298,6 +308,62 @@ def test_scaled_pools(render):
     # Same with --set, the way `make scale` does it.
     docs = render(None, "--set", "pools.heavy.replicas=3")
     assert docs.get("Deployment", f"{FULL}-pool-heavy")["spec"]["replicas"] == 3
+
+
+# --- the reaper -----------------------------------------------------------------------
+
+
+def test_reaper_is_one_pod_that_reaches_the_prefect_api_only(render):
+    docs = render()
+    dep = docs.get("Deployment", REAPER)
+    assert dep["spec"]["replicas"] == 1
+    assert dep["spec"]["strategy"] == {"type": "Recreate"}
+    spec = pod_spec(dep)
+    (c,) = spec["containers"]
+    assert c["command"] == [
+        "python", "-m", "flows.reaper", "--interval", "10", "--stale-after", "30", "--max-deliveries", "3",
+    ]  # fmt: skip
+    # Its own ServiceAccount without a token, and no Role bound to it.
+    assert spec["serviceAccountName"] == REAPER
+    assert spec["automountServiceAccountToken"] is False
+    assert docs.get("ServiceAccount", REAPER)["automountServiceAccountToken"] is False
+    assert REAPER not in {s["name"] for b in docs.all("RoleBinding") for s in b["subjects"]}
+    # The task workers' way to the API (URL and credentials) and nothing else: it never
+    # reads task parameters or results, so no storage either.
+    light = env_of(pod_spec(docs.get("Deployment", f"{FULL}-pool-light"))["containers"][0])
+    assert env_of(c) == {"PREFECT_API_URL": API_URL, "PREFECT_API_AUTH_STRING": AUTH_REF}
+    assert {k: light[k] for k in env_of(c)} == env_of(c)
+    assert [v["name"] for v in spec["volumes"]] == ["tmp"]
+    assert c["resources"] == {"requests": {"cpu": "50m", "memory": "192Mi"}, "limits": {"memory": "384Mi"}}
+    assert "nodeSelector" not in spec and "tolerations" not in spec
+
+
+def test_reaper_settings_come_from_values(render):
+    toleration = {"key": "dedicated", "operator": "Exists", "effect": "NoSchedule"}
+    values = {
+        "reaper": {
+            "interval": 5,
+            "staleAfter": 60,
+            "maxDeliveries": 7,
+            "resources": {"requests": {"cpu": "20m"}},
+            "nodeSelector": {"tier": "system"},
+            "tolerations": [toleration],
+        },
+        # A slower heartbeat is fine as long as staleAfter is 3 of them.
+        "pools": {"light": {"extraEnv": [{"name": "FANOUT_HEARTBEAT_SECONDS", "value": "20"}]}},
+    }
+    spec = pod_spec(render(values).get("Deployment", REAPER))
+    assert spec["containers"][0]["command"][3:] == ["--interval", "5", "--stale-after", "60", "--max-deliveries", "7"]
+    assert spec["containers"][0]["resources"]["requests"] == {"cpu": "20m", "memory": "192Mi"}  # merged by Helm
+    assert spec["nodeSelector"] == {"tier": "system"}
+    assert spec["tolerations"] == [toleration]
+
+
+def test_reaper_disabled_removes_it(render):
+    # Its settings are not checked either when it does not run.
+    docs = render({"reaper": {"enabled": False, "staleAfter": 5}})
+    assert REAPER not in docs.names("Deployment")
+    assert REAPER not in docs.names("ServiceAccount")
 
 
 # --- storage --------------------------------------------------------------------------
@@ -431,6 +497,163 @@ def test_base_job_template_defaults_come_from_values(render):
     assert props["namespace"]["default"] == NAMESPACE
 
 
+def test_flow_run_jobs_read_the_auth_string_from_the_secret(render, openapi, monkeypatch):
+    """What the Kubernetes worker does with its own PREFECT_API_AUTH_STRING: it copies it
+    into every flow-run Job (in place of the template's entry) and, with the secret name
+    and key the chart gives it, writes a secretKeyRef there instead of the literal. Runs
+    prefect-kubernetes' own job preparation and creation, with only the Kubernetes API
+    call replaced."""
+    pytest.importorskip("prefect_kubernetes")
+    import prefect_kubernetes.worker as k8s_worker
+    from prefect.client.schemas.objects import FlowRun
+    from prefect.settings import PREFECT_API_AUTH_STRING, temporary_settings
+
+    docs = render()
+    cfg = json.loads(docs.get("ConfigMap", f"{FULL}-setup")["data"]["setup.json"])
+    assert {"name": "PREFECT_API_AUTH_STRING", "valueFrom": AUTH_REF} in cfg["env"]
+    worker_env = env_of(pod_spec(docs.get("Deployment", f"{FULL}-worker"))["containers"][0])
+    for key, value in worker_env.items():
+        if key.startswith("PREFECT_INTEGRATIONS_KUBERNETES_WORKER_"):
+            monkeypatch.setenv(key, value)
+    created = []
+
+    class FakeBatchV1Api:
+        def __init__(self, api_client: object) -> None:
+            pass
+
+        async def create_namespaced_job(self, namespace: str, body: dict[str, Any]) -> None:
+            created.append(body)
+
+    monkeypatch.setattr(k8s_worker, "BatchV1Api", FakeBatchV1Api)
+    template = _setup_module().base_job_template(cfg, k8s_worker.KubernetesWorker.get_default_base_job_template())
+    literal = "admin:the-workers-own-copy"
+
+    async def submit() -> None:
+        with temporary_settings({PREFECT_API_AUTH_STRING: literal}):
+            config = await k8s_worker.KubernetesWorkerJobConfiguration.from_template_and_values(
+                template, {}, client=object()
+            )
+            config.prepare_for_flow_run(FlowRun(flow_id=uuid4(), name="run"))
+            await k8s_worker.KubernetesWorker(work_pool_name="kubernetes")._create_job(config, client=None)
+
+    asyncio.run(submit())
+    (job,) = created
+    assert literal not in json.dumps(job)
+    env = job["spec"]["template"]["spec"]["containers"][0]["env"]
+    assert [e for e in env if e["name"] == "PREFECT_API_AUTH_STRING"] == [
+        {"name": "PREFECT_API_AUTH_STRING", "valueFrom": AUTH_REF}
+    ]
+    assert not openapi.errors(job), openapi.errors(job)
+
+
+# --- API auth -------------------------------------------------------------------------
+
+
+def api_clients(docs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Every container that talks to the Prefect API: all but the server's and PostgreSQL's."""
+    return {
+        f"{obj['kind']}/{obj['metadata']['name']}/{c['name']}": c
+        for obj in workloads(docs)
+        if obj["metadata"]["name"] not in (SERVER, f"{FULL}-postgresql")
+        for c in pod_spec(obj)["containers"]
+    }
+
+
+def test_api_auth_is_on_by_default_with_a_generated_secret(render):
+    docs = render()
+    data = docs.get("Secret", AUTH_SECRET)["data"]
+    user, _, password = base64.b64decode(data["auth-string"]).decode().partition(":")
+    assert user == "admin" and len(password) == 32 and password.isalnum()
+    (server,) = pod_spec(docs.get("Deployment", SERVER))["containers"]
+    assert env_of(server)["PREFECT_SERVER_API_AUTH_STRING"] == AUTH_REF
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        # Prefect exempts GET /api/health from auth: the probes need no header.
+        assert server[probe]["httpGet"] == {"path": "/api/health", "port": "http"}
+    clients = api_clients(docs)
+    assert set(clients) == {
+        f"Deployment/{FULL}-pool-light/worker",
+        f"Deployment/{FULL}-pool-heavy/worker",
+        f"Deployment/{FULL}-worker/worker",
+        f"Deployment/{REAPER}/reaper",
+        f"Job/{FULL}-setup/setup",
+        f"Job/{FULL}-demo/fanout",
+    }
+    for what, c in clients.items():
+        assert env_of(c).get("PREFECT_API_AUTH_STRING") == AUTH_REF, what
+    worker = env_of(clients[f"Deployment/{FULL}-worker/worker"])
+    assert worker["PREFECT_INTEGRATIONS_KUBERNETES_WORKER_API_AUTH_STRING_SECRET_NAME"] == AUTH_SECRET
+    assert worker["PREFECT_INTEGRATIONS_KUBERNETES_WORKER_API_AUTH_STRING_SECRET_KEY"] == "auth-string"
+
+
+@pytest.mark.parametrize("name", ["defaults", "s3", "kind"])
+def test_the_auth_string_is_only_in_its_secret(name, render):
+    docs = render(VALUE_SETS[name])
+    secret = docs.get("Secret", AUTH_SECRET)
+    encoded = secret["data"]["auth-string"]
+    password = base64.b64decode(encoded).decode().partition(":")[2]
+    rest = json.dumps([d for d in docs if d is not secret])
+    assert password not in rest and encoded not in rest
+    cfg = json.loads(docs.get("ConfigMap", f"{FULL}-setup")["data"]["setup.json"])
+    for env in [c.get("env", []) for obj in workloads(docs) for c in pod_spec(obj)["containers"]] + [cfg["env"]]:
+        for e in env:
+            if e["name"] in ("PREFECT_API_AUTH_STRING", "PREFECT_SERVER_API_AUTH_STRING"):
+                assert "value" not in e and "secretKeyRef" in e["valueFrom"], e
+
+
+def test_existing_auth_secret_is_used_and_not_created(render):
+    docs = render(LOCKED_DOWN)
+    assert AUTH_SECRET not in docs.names("Secret")
+    ref = {"secretKeyRef": {"name": "team-auth", "key": "auth-string"}}
+    (server,) = pod_spec(docs.get("Deployment", SERVER))["containers"]
+    assert env_of(server)["PREFECT_SERVER_API_AUTH_STRING"] == ref
+    clients = api_clients(docs)
+    assert len(clients) == 6
+    for what, c in clients.items():
+        assert env_of(c)["PREFECT_API_AUTH_STRING"] == ref, what
+    worker = env_of(clients[f"Deployment/{FULL}-worker/worker"])
+    assert worker["PREFECT_INTEGRATIONS_KUBERNETES_WORKER_API_AUTH_STRING_SECRET_NAME"] == "team-auth"
+    cfg = json.loads(docs.get("ConfigMap", f"{FULL}-setup")["data"]["setup.json"])
+    assert {"name": "PREFECT_API_AUTH_STRING", "valueFrom": ref} in cfg["env"]
+
+
+def test_auth_disabled_removes_the_secret_and_every_reference(render):
+    docs = render({"auth": {"enabled": False}})
+    assert AUTH_SECRET not in docs.names("Secret")
+    assert "AUTH_STRING" not in json.dumps(docs)
+    assert env_of(pod_spec(docs.get("Deployment", REAPER))["containers"][0]) == {"PREFECT_API_URL": API_URL}
+
+
+# --- network policy -------------------------------------------------------------------
+
+
+def matches(selector: dict[str, str], labels: dict[str, str]) -> bool:
+    return all(labels.get(k) == v for k, v in selector.items())
+
+
+def test_network_policy_lets_only_the_server_reach_postgres(render):
+    docs = render({"networkPolicy": {"enabled": True}})
+    (policy,) = docs.all("NetworkPolicy")
+    spec = policy["spec"]
+    assert spec["policyTypes"] == ["Ingress"]
+    (rule,) = spec["ingress"]
+    assert rule["ports"] == [{"protocol": "TCP", "port": 5432}]
+    (peer,) = rule["from"]
+    assert set(peer) == {"podSelector"}  # no namespaceSelector, no ipBlock: this namespace only
+    # Of every pod the release runs, the policy applies to PostgreSQL's only, and lets in
+    # the server's only (the setup hook and everything else use the Prefect API, not the DB).
+    pods = {obj["metadata"]["name"]: obj["spec"]["template"]["metadata"]["labels"] for obj in workloads(docs)}
+    assert {n for n, labels in pods.items() if matches(spec["podSelector"]["matchLabels"], labels)} == {
+        f"{FULL}-postgresql"
+    }
+    assert {n for n, labels in pods.items() if matches(peer["podSelector"]["matchLabels"], labels)} == {SERVER}
+
+
+def test_network_policy_is_off_by_default_and_without_postgres(render):
+    assert not render().all("NetworkPolicy")
+    assert not render({"networkPolicy": {"enabled": True}, **EXTERNAL_DB}).all("NetworkPolicy")
+    assert not render({"networkPolicy": {"enabled": True}, **SQLITE}).all("NetworkPolicy")
+
+
 # --- the demo Job ---------------------------------------------------------------------
 
 
@@ -479,6 +702,18 @@ BAD_VALUES = [
     ({"storage": {"type": "nfs"}}, "/storage/type"),
     ({"server": {"service": {"port": 0}}}, "/server/service/port"),
     ({"unknownTopLevel": 1}, "'unknownTopLevel' not allowed"),
+    ({"reaper": {"interval": 0}}, "/reaper/interval"),
+    ({"reaper": {"staleAfter": 0}}, "/reaper/staleAfter"),
+    ({"reaper": {"maxDeliveries": 0}}, "/reaper/maxDeliveries"),
+    ({"reaper": {"replicas": 2}}, "'replicas' not allowed"),
+    ({"reaper": {"staleAfter": 10}}, "reaper.staleAfter must be at least 3 times the workers' heartbeat"),
+    (
+        {"pools": {"heavy": {"extraEnv": [{"name": "FANOUT_HEARTBEAT_SECONDS", "value": "20"}]}}},
+        "(FANOUT_HEARTBEAT_SECONDS, 20s): at least 60, got 30",
+    ),
+    ({"auth": {"enabled": "yes"}}, "/auth/enabled"),
+    ({"auth": {"secretName": "x"}}, "'secretName' not allowed"),
+    ({"networkPolicy": {"enabled": 1}}, "/networkPolicy/enabled"),
 ]
 
 
@@ -494,6 +729,9 @@ def test_bad_values_are_rejected_naming_the_value(values, message, render_error)
         ({"pools": {"light": {"replica": 2}}}, "pools.light.replica is not a pool setting"),
         ({"pools": {"Heavy_Pool": {"replicas": 1}}}, "pools.Heavy_Pool: a pool name must be"),
         ({"image": {"tag": ""}}, "image.tag is required"),
+        ({"reaper": {"interval": 0}}, "reaper.interval must be >= 1"),
+        ({"reaper": {"maxDeliveries": 0}}, "reaper.maxDeliveries must be >= 1"),
+        ({"reaper": {"staleAfter": 14}}, "reaper.staleAfter must be at least 3 times"),
     ],
 )
 def test_template_validation_also_names_the_value_without_the_schema(values, message, render_error):

@@ -74,10 +74,33 @@ app.kubernetes.io/part-of: fanout
 {{- end }}
 {{- end }}
 
-{{/* Environment of every pod that submits or runs fanned-out tasks. */}}
-{{- define "fanout.clientEnv" -}}
+{{/* The Secret holding the API's `user:password` (key auth-string): the user's, or the
+one auth.yaml generates. */}}
+{{- define "fanout.authSecretName" -}}
+{{- .Values.auth.existingSecret | default (include "fanout.componentName" (list . "auth")) }}
+{{- end }}
+
+{{/* PREFECT_API_AUTH_STRING from the auth Secret (nothing when auth is off). */}}
+{{- define "fanout.authEnv" -}}
+{{- if .Values.auth.enabled }}
+- name: PREFECT_API_AUTH_STRING
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "fanout.authSecretName" . }}
+      key: auth-string
+{{- end }}
+{{- end }}
+
+{{/* Environment of every pod that talks to the Prefect API: its URL and credentials. */}}
+{{- define "fanout.apiEnv" -}}
 - name: PREFECT_API_URL
   value: {{ include "fanout.apiUrl" . | quote }}
+{{- include "fanout.authEnv" . }}
+{{- end }}
+
+{{/* Environment of every pod that submits or runs fanned-out tasks. */}}
+{{- define "fanout.clientEnv" -}}
+{{ include "fanout.apiEnv" . }}
 - name: FANOUT_STORAGE
   value: {{ include "fanout.storageSetting" . | quote }}
 {{- if eq .Values.storage.type "s3" }}

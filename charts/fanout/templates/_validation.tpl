@@ -24,6 +24,29 @@ Fail fast with a message naming the value, for what values.schema.json cannot ex
 {{- $_ := required "storage.s3.existingSecret is required when storage.type is s3 (keys AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY)" $st.s3.existingSecret }}
 {{- end }}
 
+{{- $r := .Values.reaper }}
+{{- if $r.enabled }}
+{{- range $key := list "interval" "staleAfter" "maxDeliveries" }}
+{{- if lt (float64 (index $r $key)) 1.0 }}
+{{- fail (printf "reaper.%s must be >= 1, got %v" $key (index $r $key)) }}
+{{- end }}
+{{- end }}
+{{- /* A worker counts as dead after staleAfter seconds without a heartbeat. It beats every
+       FANOUT_HEARTBEAT_SECONDS (5, or a pool's extraEnv); a slow server or a busy worker
+       delays a beat, so demand 3 intervals of slack or live workers lose their runs. */}}
+{{- $beat := 5.0 }}
+{{- range $pool, $spec := .Values.pools }}
+{{- range (and $spec $spec.extraEnv) | default list }}
+{{- if and (eq .name "FANOUT_HEARTBEAT_SECONDS") .value }}
+{{- $beat = maxf $beat (float64 .value) }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- if lt (float64 $r.staleAfter) (mulf 3 $beat) }}
+{{- fail (printf "reaper.staleAfter must be at least 3 times the workers' heartbeat (FANOUT_HEARTBEAT_SECONDS, %vs): at least %v, got %v" $beat (mulf 3 $beat) $r.staleAfter) }}
+{{- end }}
+{{- end }}
+
 {{- $known := list "replicas" "limit" "resources" "nodeSelector" "tolerations" "affinity" "terminationGracePeriodSeconds" "podDisruptionBudget" "extraEnv" }}
 {{- range $pool, $spec := .Values.pools }}
 {{- if not (regexMatch "^[a-z]([a-z0-9-]{0,28}[a-z0-9])?$" $pool) }}

@@ -58,7 +58,10 @@ def _swagger_path() -> Path:
         return Path(os.environ["K8S_SWAGGER"])
     rel = Path(f"k8s.io/kubernetes@{K8S_VERSION}") / "api" / "openapi-spec" / "swagger.json"
     caches = [Path(os.environ.get("FANOUT_CACHE", Path.home() / ".cache" / "fanout")) / "go" / "mod"]
-    go = shutil.which("go") or ("/usr/local/go/bin/go" if os.path.exists("/usr/local/go/bin/go") else None)
+    # The same Go the cluster scripts use: the machine's if new enough, else one fetched
+    # from the Go module proxy into $FANOUT_CACHE.
+    found = subprocess.run([str(REPO / "k8s" / "scripts" / "ensure-go.sh")], capture_output=True, text=True)
+    go = found.stdout.strip() if found.returncode == 0 else shutil.which("go")
     if go:
         gomodcache = subprocess.run([go, "env", "GOMODCACHE"], capture_output=True, text=True).stdout.strip()
         if gomodcache:

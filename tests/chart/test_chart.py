@@ -31,7 +31,12 @@ CUSTOM_POOLS = {
     "pools": {
         "light": {"replicas": 5, "limit": 3, "terminationGracePeriodSeconds": 30},
         "heavy": None,
-        "batch": {"replicas": 2, "limit": 4, "podDisruptionBudget": {"maxUnavailable": "50%"}},
+        "batch": {
+            "replicas": 2,
+            "limit": 4,
+            "tasks": ["flows.tasks:process_chunk"],
+            "podDisruptionBudget": {"maxUnavailable": "50%"},
+        },
     }
 }
 S3 = {
@@ -297,6 +302,8 @@ def test_custom_pools(render):
     assert pod_spec(light)["terminationGracePeriodSeconds"] == 30
     batch = docs.get("Deployment", f"{FULL}-pool-batch")
     assert env_of(pod_spec(batch)["containers"][0])["FANOUT_POOL"] == "batch"
+    assert env_of(pod_spec(batch)["containers"][0])["FANOUT_TASKS"] == "flows.tasks:process_chunk"
+    assert "FANOUT_TASKS" not in env_of(pod_spec(light)["containers"][0])
     assert docs.get("PodDisruptionBudget", f"{FULL}-pool-batch")["spec"]["maxUnavailable"] == "50%"
     assert docs.names("PodDisruptionBudget") == {f"{FULL}-pool-light", f"{FULL}-pool-batch"}
 
@@ -714,6 +721,9 @@ BAD_VALUES = [
     ({"auth": {"enabled": "yes"}}, "/auth/enabled"),
     ({"auth": {"secretName": "x"}}, "'secretName' not allowed"),
     ({"networkPolicy": {"enabled": 1}}, "/networkPolicy/enabled"),
+    ({"pools": {"bogus": {"replicas": 1}}}, "pools.bogus: unknown pool; the image serves light, heavy"),
+    ({"pools": {"mine": {"tasks": ["not a task"]}}}, "/pools/mine/tasks/0"),
+    ({"imagePools": []}, "/imagePools"),
 ]
 
 
@@ -732,6 +742,7 @@ def test_bad_values_are_rejected_naming_the_value(values, message, render_error)
         ({"reaper": {"interval": 0}}, "reaper.interval must be >= 1"),
         ({"reaper": {"maxDeliveries": 0}}, "reaper.maxDeliveries must be >= 1"),
         ({"reaper": {"staleAfter": 14}}, "reaper.staleAfter must be at least 3 times"),
+        ({"pools": {"bogus": {"replicas": 1}}}, "pools.bogus: unknown pool"),
     ],
 )
 def test_template_validation_also_names_the_value_without_the_schema(values, message, render_error):

@@ -14,6 +14,7 @@ import concurrent.futures as cf
 import contextlib
 import json
 import os
+import resource
 import shutil
 import signal
 import socket
@@ -219,11 +220,20 @@ class Ours:
                 peak["server"] = max(peak["server"], rss_mb([server.popen.pid]))
                 peak["worker"] = max(peak["worker"], *(rss_mb([w.popen.pid]) for w in self.workers))
 
+        server_pid = next(p for p in self.stack.procs if p.name == "server").popen.pid
+        worker_pids = [w.popen.pid for w in self.workers]
+        cpu0 = (cpu_seconds([server_pid]), cpu_seconds(worker_pids), resource.getrusage(resource.RUSAGE_CHILDREN))
         sampler = threading.Thread(target=sample, daemon=True)
         sampler.start()
         proc = self.stack.run_flow(args, timeout=3600)
         done.set()
         sampler.join()
+        children = resource.getrusage(resource.RUSAGE_CHILDREN)  # the submitter, reaped by run_flow
+        cpu = {
+            "server": cpu_seconds([server_pid]) - cpu0[0],
+            "workers": cpu_seconds(worker_pids) - cpu0[1],
+            "submitter": children.ru_utime + children.ru_stime - cpu0[2].ru_utime - cpu0[2].ru_stime,
+        }
         if proc.returncode != 0:
             raise RuntimeError(f"{label} {sc.name} failed: {proc.stderr[-2000:]}")
         s = json.loads(out.read_text())
@@ -232,6 +242,8 @@ class Ours:
             "task_runs": s["task_runs"], "chunk_size": s["chunk_size"], "submit_seconds": s["submit_seconds"],
             "task_runs_per_second": s["task_runs"] / s["seconds"], "workers": workers,
             "peak_server_rss_mb": round(peak["server"]), "peak_worker_rss_mb": round(peak["worker"]),
+            # CPU per task run, in ms: where the per-task cost goes.
+            **{f"cpu_ms_per_run_{k}": round(v * 1000 / s["task_runs"], 1) for k, v in cpu.items()},
         })  # fmt: skip
 
     def heavy(self, segments: int, span: int) -> dict[str, Any]:
@@ -251,6 +263,21 @@ class Ours:
 
     def close(self) -> None:
         self.stack.close()
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """CPU time (user + system) so far of these processes and their process groups."""
+    total = 0
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            stat = (proc / "stat").read_text().rsplit(")", 1)[1].split()
+            if int(stat[2]) in pids or int(proc.name) in pids:
+                total += int(stat[11]) + int(stat[12])  # utime, stime (fields 14, 15)
+        except (OSError, IndexError, ValueError):
+            continue
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 # -- report -------------------------------------------------------------------------------

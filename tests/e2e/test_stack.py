@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 import subprocess
 import uuid
 from collections.abc import Iterator
@@ -77,10 +78,25 @@ class Stack:
             "rollout", "status", f"deployment/{deployment}", f"--timeout={int(scaled(timeout))}s", timeout=timeout + 30
         )
 
-    def completed_task_lines(self, selector: str) -> int:
-        """Task runs the pods matching `selector` have logged as Completed so far."""
-        out = self.k("logs", "-l", selector, "--tail=-1", "--max-log-requests=20", check=False).stdout
-        return sum(" Completed" in line for line in out.splitlines())
+    def progress(self, job: str) -> tuple[int, int]:
+        """(items done, task runs running) from the fan-out job's own latest progress line."""
+        out = self.k("logs", f"job/{job}", "--tail=30", check=False).stdout
+        done = running = 0
+        for line in out.splitlines():
+            if m := re.search(r"items: (\d+)/\d+ done; runs waiting: (.*)$", line):
+                done = int(m.group(1))
+                r = re.search(r"(\d+) running", m.group(2))
+                running = int(r.group(1)) if r else 0
+        return done, running
+
+    def wait_busy(self, job: str, done: int = 5, running: int = 6) -> None:
+        """Until the job has finished `done` items and has `running` runs in flight."""
+
+        def busy() -> bool:
+            d, r = self.progress(job)
+            return d >= done and r >= running
+
+        eventually(busy, timeout=300, interval=1, message=f"{job} under way ({done}+ done, {running}+ running)")
 
     # --- fan-outs as Jobs, from the chart's own demo Job (same env, volumes, security) ---
 
@@ -179,7 +195,7 @@ def test_fanout_of_500_items_spreads_over_the_light_pods(stack: Stack) -> None:
 def test_scaling_the_light_pool_up_mid_run_puts_new_pods_to_work(stack: Stack) -> None:
     before = set(stack.ready_pods("fanout.io/pool=light"))
     job = stack.start_fanout("--items", "240", "--chunk-size", "1", "--item-sleep", "3", "--heavy-batches", "0")
-    eventually(lambda: stack.completed_task_lines("fanout.io/pool=light") > 0, timeout=300, message="work started")
+    stack.wait_busy(job, done=1)
     stack.scale(LIGHT, 5)
     summary = stack.wait_fanout(job)
     _items_exactly_once(summary, 240)
@@ -192,7 +208,7 @@ def test_scaling_the_light_pool_down_mid_run_loses_nothing(stack: Stack) -> None
     stack.scale(LIGHT, 5)
     stack.wait_rollout(LIGHT)
     job = stack.start_fanout("--items", "150", "--chunk-size", "1", "--item-sleep", "2", "--heavy-batches", "0")
-    eventually(lambda: stack.completed_task_lines("fanout.io/pool=light") > 10, timeout=300, message="work started")
+    stack.wait_busy(job, done=10)
     stack.scale(LIGHT, 1)
     summary = stack.wait_fanout(job)
     _items_exactly_once(summary, 150)
@@ -203,7 +219,7 @@ def test_force_deleting_busy_workers_loses_nothing(stack: Stack) -> None:
     stack.scale(LIGHT, 3)
     stack.wait_rollout(LIGHT)
     job = stack.start_fanout("--items", "120", "--chunk-size", "1", "--item-sleep", "3", "--heavy-batches", "0")
-    eventually(lambda: stack.completed_task_lines("fanout.io/pool=light") > 5, timeout=300, message="work started")
+    stack.wait_busy(job, done=5)
     victims = stack.ready_pods("fanout.io/pool=light")[:2]
     stack.k("delete", "pod", *victims, "--force", "--grace-period=0")
     summary = stack.wait_fanout(job)
@@ -214,7 +230,7 @@ def test_force_deleting_busy_workers_loses_nothing(stack: Stack) -> None:
 
 def test_deleting_the_server_pod_mid_run_loses_nothing(stack: Stack) -> None:
     job = stack.start_fanout("--items", "120", "--chunk-size", "1", "--item-sleep", "2", "--heavy-batches", "0")
-    eventually(lambda: stack.completed_task_lines("fanout.io/pool=light") > 5, timeout=300, message="work started")
+    stack.wait_busy(job, done=5)
     stack.k("delete", "pod", "-l", "app.kubernetes.io/component=server", "--wait=false")
     summary = stack.wait_fanout(job)
     _items_exactly_once(summary, 120)
@@ -288,7 +304,12 @@ def test_helm_upgrade_resizes_pools_then_uninstall_leaves_nothing(stack: Stack) 
             if n not in ("ServiceAccount/default", "ConfigMap/kube-root-ca.crt") and "fanout-e2e-" not in n
         ]  # fmt: skip
 
-    eventually(lambda: not leftovers(), timeout=180, message="nothing left after uninstall")
+    def nothing_left() -> bool:
+        left = leftovers()
+        assert not left, f"left after uninstall: {left}"
+        return True
+
+    eventually(nothing_left, timeout=180, message="nothing left after uninstall")
 
 
 # --- bad values -------------------------------------------------------------------------
@@ -299,7 +320,7 @@ def test_helm_upgrade_resizes_pools_then_uninstall_leaves_nothing(stack: Stack) 
     [
         (["--set", "pools.light.replicas=-1"], "replicas"),
         (["--set", "pools.bogus.replicas=1"], "bogus"),
-        (["--set", "image.repository="], "image.repository"),
+        (["--set", "image.repository="], "/image/repository"),
     ],
 )
 def test_helm_install_with_bad_values_fails_naming_the_value(

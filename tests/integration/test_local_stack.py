@@ -77,12 +77,12 @@ def test_heavy_subflow_runs_on_heavy_pool_with_2_processes(stack: LocalStack, tm
         "--heavy-segments",
         "4",
         "--heavy-span",
-        "4000",
+        "40000",  # ~1 s per segment: long enough that both pool processes take some
         "--compare-serial",
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     (heavy,) = s["heavy"]
-    serial = sum(workload.count_primes(p.lo, p.hi) for p in workload.batch_segments(0, 4, 4000))
+    serial = sum(workload.count_primes(p.lo, p.hi) for p in workload.batch_segments(0, 4, 40000))
     assert heavy["primes"] == serial
     assert heavy["processes"] == 2
     assert len(heavy["pids"]) == 2, heavy["pids"]

@@ -39,3 +39,12 @@ def test_an_oversized_call_refuses_the_whole_batch_naming_the_call() -> None:
     with pytest.raises(PayloadTooLarge, match=r"call #1 are [\d,]+ bytes, over the 100,000-byte limit"):
         check_payloads(process_chunk, calls, limit=100_000)
     check_payloads(process_chunk, calls[:1], limit=100_000)  # small ones pass
+
+
+def test_process_pool_runner_internals_the_warm_pool_relies_on() -> None:
+    # flows.tasks keeps one started ProcessPoolTaskRunner per process and refreshes its
+    # cached run context per batch; a Prefect upgrade that renames these must fail here.
+    from prefect.task_runners import ProcessPoolTaskRunner
+
+    runner = ProcessPoolTaskRunner(max_workers=1)
+    assert hasattr(runner, "_cached_context") and hasattr(runner, "_executor")

@@ -49,3 +49,14 @@ def test_every_work_function_names_its_item() -> None:
     assert workload.noop_item(4)["double"] == 8
     lo = workload.HEAVY_BASE + 3 * workload.CPU_ITEM_SPAN
     assert workload.cpu_item(3)["primes"] == workload.count_primes(lo, lo + workload.CPU_ITEM_SPAN)
+
+
+def test_segments_are_grouped_a_few_per_process_without_losing_any() -> None:
+    from flows.tasks import GROUPS_PER_PROCESS, group_segments
+
+    parts = workload.batch_segments(0, 203, 10)
+    groups = group_segments(parts, 2)
+    assert len(groups) == 2 * GROUPS_PER_PROCESS
+    assert [r for g in groups for r in g] == [(p.lo, p.hi) for p in parts]
+    assert max(map(len, groups)) - min(map(len, groups)) <= 1
+    assert len(group_segments(parts[:3], 2)) == 3  # never an empty group

@@ -7,10 +7,13 @@ pool `heavy_batch` only, and a light worker never even hears of a heavy run.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import socket
+import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from prefect import Task, flow, task
@@ -105,12 +108,68 @@ def process_chunk(
     return results
 
 
-@task(name="count_segment")
-def count_segment(lo: int, hi: int) -> dict[str, Any]:
-    """One segment of a heavy batch, run in a process of the subflow's pool."""
+@task(name="count_segments")
+def count_segments(ranges: list[tuple[int, int]]) -> dict[str, Any]:
+    """Some segments of a heavy batch, run in one process of the subflow's pool."""
     t0 = time.perf_counter()
-    primes = workload.count_primes(lo, hi)
+    primes = sum(workload.count_primes(lo, hi) for lo, hi in ranges)
     return {"primes": primes, "pid": os.getpid(), "seconds": time.perf_counter() - t0}
+
+
+# Task runs per pool process in one batch: a task run costs ~0.1-0.2 s of Prefect overhead,
+# so segments are grouped; a few groups per process still balance uneven segments.
+GROUPS_PER_PROCESS = 4
+
+
+def group_segments(parts: list[workload.Segment], processes: int) -> list[list[tuple[int, int]]]:
+    """Split segments into at most processes * GROUPS_PER_PROCESS contiguous groups."""
+    groups = min(len(parts), processes * GROUPS_PER_PROCESS)
+    size, extra = divmod(len(parts), groups)
+    out, i = [], 0
+    for g in range(groups):
+        n = size + (g < extra)
+        out.append([(p.lo, p.hi) for p in parts[i : i + n]])
+        i += n
+    return out
+
+
+@task(name="warm_up", persist_result=False)
+def warm_up(seconds: float) -> int:
+    """Runs once in each new pool process: a first Prefect task run there pays for imports,
+    an API client and settings; idling a moment makes the executor start every process."""
+    time.sleep(seconds)
+    return os.getpid()
+
+
+# One started process pool per size, kept for the life of this process. Spawning a process
+# and importing Prefect in it takes seconds on a small machine, more than a typical batch
+# saves; a heavy worker pays it once (and ahead of time, see warm_process_pool), not per batch.
+_POOLS_LOCK = threading.Lock()
+_WARM_POOLS: dict[int, tuple[ProcessPoolTaskRunner, threading.Lock]] = {}
+
+
+def process_pool(n: int) -> tuple[ProcessPoolTaskRunner, threading.Lock]:
+    """The started pool of `n` processes of this process, and the lock to submit under."""
+    with _POOLS_LOCK:
+        if n not in _WARM_POOLS:
+            runner = ProcessPoolTaskRunner(max_workers=n).__enter__()
+            atexit.register(runner.__exit__, None, None, None)
+            _WARM_POOLS[n] = (runner, threading.Lock())
+        return _WARM_POOLS[n]
+
+
+def warm_process_pool(n: int | None = None) -> float:
+    """Start the pool's processes now (each imports Prefect); returns the seconds it took."""
+    n = n or available_cpus()
+    t0 = time.perf_counter()
+    runner, lock = process_pool(n)
+    with lock:
+        runner._cached_context = None
+        futures = [runner.submit(warm_up, {"seconds": 1.0}) for _ in range(n)]
+    pids = {f.result() for f in futures}
+    seconds = time.perf_counter() - t0
+    log.info("process pool of %d warm in %.1fs (%d processes started)", n, seconds, len(pids))
+    return seconds
 
 
 @flow(name="crunch", persist_result=True, result_storage=result_storage())
@@ -126,9 +185,13 @@ def crunch(batch: int, segments: int, span: int, processes: int | None = None) -
     n = processes or available_cpus()
     t0 = time.perf_counter()
     parts = workload.batch_segments(batch, segments, span)
-    with ProcessPoolTaskRunner(max_workers=n) as runner:
-        futures = [runner.submit(count_segment, {"lo": p.lo, "hi": p.hi}) for p in parts]
-        done = [f.result() for f in futures]
+    runner, lock = process_pool(n)
+    with lock:
+        # The runner caches the serialised run context per lifecycle; this batch's task
+        # runs belong to this flow run, so refresh it.
+        runner._cached_context = None
+        futures = [runner.submit(count_segments, {"ranges": g}) for g in group_segments(parts, n)]
+    done = [f.result() for f in futures]
     return {
         "batch": batch,
         "primes": sum(d["primes"] for d in done),
@@ -167,6 +230,9 @@ POOLS: dict[str, list[Task[..., Any]]] = {
     "light": [process_chunk],
     "heavy": [heavy_batch],
 }
+
+# What a worker of a pool does once at start, in the background (FANOUT_WARM_POOL=0: skip).
+POOL_WARMUP: dict[str, Callable[[], object]] = {"heavy": warm_process_pool}
 
 
 def pool_tasks(pool: str) -> list[Task[..., Any]]:

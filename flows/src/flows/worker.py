@@ -40,7 +40,7 @@ from prefect.task_worker import TaskWorker
 from prefect.variables import Variable
 
 from flows.liveness import Heartbeat, variable_name
-from flows.tasks import POOLS, pool_tasks
+from flows.tasks import POOL_WARMUP, POOLS, pool_tasks
 
 log = logging.getLogger("flows.worker")
 
@@ -283,6 +283,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.limit < 1:
         parser.error(f"--limit must be >= 1, got {args.limit}")
     configure_logging()
+    warmup = POOL_WARMUP.get(args.pool)
+    if warmup and not args.tasks.strip() and os.environ.get("FANOUT_WARM_POOL", "1") != "0":
+        threading.Thread(target=warmup, name="warmup", daemon=True).start()
     asyncio.run(run(args, tasks))
 
 

@@ -133,10 +133,11 @@ def group_segments(parts: list[workload.Segment], processes: int) -> list[list[t
     return out
 
 
-@task(name="warm_up", persist_result=False)
-def warm_up(seconds: float) -> int:
-    """Runs once in each new pool process: a first Prefect task run there pays for imports,
-    an API client and settings; idling a moment makes the executor start every process."""
+def _warm_child(seconds: float) -> int:
+    """Runs in a new pool process (a plain call: no Prefect task run, nothing in the UI):
+    import what task runs there need, then idle a moment so the executor starts them all."""
+    import prefect.task_engine  # noqa: F401
+
     time.sleep(seconds)
     return os.getpid()
 
@@ -162,11 +163,10 @@ def warm_process_pool(n: int | None = None) -> float:
     """Start the pool's processes now (each imports Prefect); returns the seconds it took."""
     n = n or available_cpus()
     t0 = time.perf_counter()
-    runner, lock = process_pool(n)
-    with lock:
-        runner._cached_context = None
-        futures = [runner.submit(warm_up, {"seconds": 1.0}) for _ in range(n)]
-    pids = {f.result() for f in futures}
+    runner, _ = process_pool(n)
+    executor = runner._executor
+    assert executor is not None
+    pids = {f.result() for f in [executor.submit(_warm_child, 1.0) for _ in range(n)]}
     seconds = time.perf_counter() - t0
     log.info("process pool of %d warm in %.1fs (%d processes started)", n, seconds, len(pids))
     return seconds

@@ -17,6 +17,14 @@ healthy() {
   local rc=$?; rm -f "$kc"; return $rc
 }
 
+# When each node container last started. Docker hands out new addresses when it
+# restarts containers, and a kind cluster does not survive its nodes changing address
+# (certificates, routes and kubelet configs name the old ones), so a change means recreate.
+node_starts() {
+  docker ps -a --filter "label=io.x-k8s.kind.cluster=$CLUSTER_NAME" -q \
+    | xargs -r docker inspect -f '{{.Name}} {{.State.StartedAt}}' | sort
+}
+
 image=${KIND_NODE_IMAGE:-}
 if [ -z "$image" ]; then
   # The official node image where a registry answers; our own build where none does.
@@ -36,6 +44,9 @@ if "$KIND" get clusters 2>/dev/null | grep -qx "$CLUSTER_NAME"; then
     echo "cluster: $CLUSTER_NAME was made from another node image or kind config; recreating" >&2
     "$KIND" delete cluster --name "$CLUSTER_NAME"
   # A cluster left from before a docker restart may be half dead: replace it then.
+  elif [ "$(node_starts)" != "$(cat "$marker.started" 2>/dev/null)" ]; then
+    echo "cluster: $CLUSTER_NAME nodes restarted since it was made (new addresses); recreating" >&2
+    "$KIND" delete cluster --name "$CLUSTER_NAME"
   elif ! healthy && { sleep 20; ! healthy; }; then
     echo "cluster: $CLUSTER_NAME exists but its API server does not answer; recreating" >&2
     "$KIND" delete cluster --name "$CLUSTER_NAME"
@@ -51,6 +62,7 @@ else
   echo "cluster: creating $CLUSTER_NAME from $image" >&2
   "$KIND" create cluster --name "$CLUSTER_NAME" --config "$KIND_CONFIG" --image "$image" --wait 5m
   echo "$want" > "$marker"
+  node_starts > "$marker.started"
 fi
 
 kubeconfig=$(mktemp)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -11,7 +12,7 @@ from pathlib import Path
 import httpx
 
 from flows import workload
-from flows.local import LocalStack
+from flows.local import LocalStack, wait_until
 
 
 def api(stack: LocalStack) -> httpx.Client:
@@ -142,3 +143,28 @@ def test_sigterm_stops_an_idle_worker_cleanly(stack: LocalStack) -> None:
     w.popen.send_signal(signal.SIGTERM)
     assert w.popen.wait(timeout=30) == 0
     assert "Traceback" not in w.output()
+
+
+def test_sigterm_ends_a_heavy_worker_and_its_pool_after_a_batch(stack: LocalStack, tmp_path: Path) -> None:
+    """A heavy pod scaled down after real work must end, not hang in Terminating.
+
+    Last in this module: it stops the stack's heavy worker.
+    """
+    proc, s = run_fanout(
+        stack, tmp_path, "--items", "1", "--heavy-batches", "1", "--heavy-segments", "4", "--heavy-span", "20000"
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (heavy,) = s["heavy"]
+    heavy_worker = next(w for w in stack.workers() if "heavy" in w.name)
+    heavy_worker.popen.send_signal(signal.SIGTERM)
+    assert heavy_worker.popen.wait(timeout=30) == 0, heavy_worker.output()[-3000:]
+    assert "stopped after" in heavy_worker.output()
+    wait_until(lambda: not any(alive(pid) for pid in heavy["pids"]), 10, "the pool's processes to end")
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True

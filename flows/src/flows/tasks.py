@@ -153,10 +153,22 @@ def process_pool(n: int) -> tuple[ProcessPoolTaskRunner, threading.Lock]:
     """The started pool of `n` processes of this process, and the lock to submit under."""
     with _POOLS_LOCK:
         if n not in _WARM_POOLS:
+            if not _WARM_POOLS:
+                atexit.register(close_process_pools)
             runner = ProcessPoolTaskRunner(max_workers=n).__enter__()
-            atexit.register(runner.__exit__, None, None, None)
             _WARM_POOLS[n] = (runner, threading.Lock())
         return _WARM_POOLS[n]
+
+
+def close_process_pools() -> None:
+    """Stop every kept pool and its processes (idempotent). A worker calls this once it
+    has drained, so that its pod ends as soon as its last run is done."""
+    with _POOLS_LOCK:
+        pools = list(_WARM_POOLS.values())
+        _WARM_POOLS.clear()
+    for runner, lock in pools:
+        with lock:
+            runner.__exit__(None, None, None)
 
 
 def warm_process_pool(n: int | None = None) -> float:

@@ -40,7 +40,7 @@ from prefect.task_worker import TaskWorker
 from prefect.variables import Variable
 
 from flows.liveness import Heartbeat, variable_name
-from flows.tasks import POOL_WARMUP, POOLS, pool_tasks
+from flows.tasks import POOL_WARMUP, POOLS, close_process_pools, pool_tasks
 
 log = logging.getLogger("flows.worker")
 
@@ -286,7 +286,10 @@ def main(argv: list[str] | None = None) -> None:
     warmup = POOL_WARMUP.get(args.pool)
     if warmup and not args.tasks.strip() and os.environ.get("FANOUT_WARM_POOL", "1") != "0":
         threading.Thread(target=warmup, name="warmup", daemon=True).start()
-    asyncio.run(run(args, tasks))
+    try:
+        asyncio.run(run(args, tasks))
+    finally:
+        close_process_pools()
 
 
 if __name__ == "__main__":

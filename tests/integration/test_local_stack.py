@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 
 from flows import workload
-from flows.local import LocalStack, wait_until
+from flows.local import LocalStack, free_port, wait_until
 
 
 def api(stack: LocalStack) -> httpx.Client:
@@ -142,6 +142,21 @@ def test_sigterm_stops_an_idle_worker_cleanly(stack: LocalStack) -> None:
     w = stack.start_worker("light", limit=2, name="worker-light-extra")
     w.popen.send_signal(signal.SIGTERM)
     assert w.popen.wait(timeout=30) == 0
+    assert "Traceback" not in w.output()
+
+
+def test_a_worker_started_before_the_server_waits_for_it(stack: LocalStack) -> None:
+    """In a cluster a worker pod may start before the server: it waits (probe up, not
+    ready) instead of crashing, and still stops cleanly."""
+    port, api = free_port(), free_port()
+    argv = [sys.executable, "-m", "flows.worker", "--pool", "light", "--health-port", str(port)]
+    w = stack.spawn(
+        "worker-early", argv, stack.env("worker-early", PREFECT_API_URL=f"http://127.0.0.1:{api}/api"), port
+    )
+    wait_until(lambda: "waiting for the Prefect API" in w.output(), 60, "the worker to wait", w.popen)
+    assert httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=5).status_code == 503
+    w.popen.send_signal(signal.SIGTERM)
+    assert w.popen.wait(timeout=30) == 0, w.output()[-2000:]
     assert "Traceback" not in w.output()
 
 

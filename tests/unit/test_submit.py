@@ -47,4 +47,4 @@ def test_process_pool_runner_internals_the_warm_pool_relies_on() -> None:
     from prefect.task_runners import ProcessPoolTaskRunner
 
     runner = ProcessPoolTaskRunner(max_workers=1)
-    assert hasattr(runner, "_cached_context") and hasattr(runner, "_executor")
+    assert hasattr(runner, "_cached_context") and hasattr(runner, "_cached_env") and hasattr(runner, "_executor")

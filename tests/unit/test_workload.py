@@ -51,12 +51,16 @@ def test_every_work_function_names_its_item() -> None:
     assert workload.cpu_item(3)["primes"] == workload.count_primes(lo, lo + workload.CPU_ITEM_SPAN)
 
 
-def test_segments_are_grouped_a_few_per_process_without_losing_any() -> None:
+def test_segments_are_dealt_into_balanced_groups_without_losing_any() -> None:
     from flows.tasks import GROUPS_PER_PROCESS, group_segments
 
     parts = workload.batch_segments(0, 203, 10)
     groups = group_segments(parts, 2)
     assert len(groups) == 2 * GROUPS_PER_PROCESS
-    assert [r for g in groups for r in g] == [(p.lo, p.hi) for p in parts]
+    assert sorted(r for g in groups for r in g) == [(p.lo, p.hi) for p in parts]
     assert max(map(len, groups)) - min(map(len, groups)) <= 1
+    # dealt round-robin: later segments cost more, so contiguous groups would not balance
+    ranges = [(p.lo, p.hi) for p in parts]
+    head, tail = set(ranges[: len(groups)]), set(ranges[-len(groups) :])
+    assert all(head & set(g) and tail & set(g) for g in groups)
     assert len(group_segments(parts[:3], 2)) == 3  # never an empty group

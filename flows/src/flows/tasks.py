@@ -18,6 +18,7 @@ from typing import Any
 
 from prefect import Task, flow, task
 from prefect.client.schemas.objects import State, TaskRun
+from prefect.context import SyncClientContext, serialize_context
 from prefect.task_runners import ProcessPoolTaskRunner
 
 from flows import workload
@@ -116,28 +117,46 @@ def count_segments(ranges: list[tuple[int, int]]) -> dict[str, Any]:
     return {"primes": primes, "pid": os.getpid(), "seconds": time.perf_counter() - t0}
 
 
-# Task runs per pool process in one batch: a task run costs ~0.1-0.2 s of Prefect overhead,
-# so segments are grouped; a few groups per process still balance uneven segments.
-GROUPS_PER_PROCESS = 4
+# Task runs per pool process in one batch. Each task run costs ~0.2 s of Prefect
+# overhead in the pool process (measured), so segments are grouped: two groups per
+# process, so that one process slowed by a neighbour hands work to the other. Groups
+# are dealt round-robin: each gets its share of the cheap and the expensive segments.
+GROUPS_PER_PROCESS = 2
 
 
 def group_segments(parts: list[workload.Segment], processes: int) -> list[list[tuple[int, int]]]:
-    """Split segments into at most processes * GROUPS_PER_PROCESS contiguous groups."""
+    """Deal segments round-robin into at most processes * GROUPS_PER_PROCESS groups."""
     groups = min(len(parts), processes * GROUPS_PER_PROCESS)
-    size, extra = divmod(len(parts), groups)
-    out, i = [], 0
-    for g in range(groups):
-        n = size + (g < extra)
-        out.append([(p.lo, p.hi) for p in parts[i : i + n]])
-        i += n
-    return out
+    return [[(p.lo, p.hi) for p in parts[g::groups]] for g in range(groups)]
+
+
+def warm_engine() -> None:
+    """Load now what this process's first task or flow run would load: ~2-3 s of CPU on
+    our machines, most of it Prefect collections (prefect-kubernetes and its
+    dependencies), imported the first time a storage block is validated. Every worker
+    does this at start, so its first run, and a new pod's first runs, are not slow."""
+    import prefect.flow_engine
+    import prefect.task_engine  # noqa: F401
+    from prefect.plugins import load_prefect_collections
+
+    load_prefect_collections()
+
+
+_CHILD_CLIENT: list[SyncClientContext] = []
+
+
+def _init_child() -> None:
+    """Each pool process, once, as it starts: load what its first task run would
+    (without this that run took ~2.3 s, later ones ~0.2 s), and hold one API client for
+    every task run it will run (Prefect otherwise builds one or two per run, each loading
+    the CA bundle into a new SSL context)."""
+    warm_engine()
+    _CHILD_CLIENT.append(SyncClientContext().__enter__())  # for the life of the process
 
 
 def _warm_child(seconds: float) -> int:
-    """Runs in a new pool process (a plain call: no Prefect task run, nothing in the UI):
-    import what task runs there need, then idle a moment so the executor starts them all."""
-    import prefect.task_engine  # noqa: F401
-
+    """A plain call (no Prefect task run, nothing in the UI) that idles a moment, so that
+    the executor starts all its processes now rather than at the first batch."""
     time.sleep(seconds)
     return os.getpid()
 
@@ -155,7 +174,7 @@ def process_pool(n: int) -> tuple[ProcessPoolTaskRunner, threading.Lock]:
         if n not in _WARM_POOLS:
             if not _WARM_POOLS:
                 atexit.register(close_process_pools)
-            runner = ProcessPoolTaskRunner(max_workers=n).__enter__()
+            runner = ProcessPoolTaskRunner(max_workers=n, initializer=_init_child).__enter__()
             _WARM_POOLS[n] = (runner, threading.Lock())
         return _WARM_POOLS[n]
 
@@ -175,6 +194,7 @@ def warm_process_pool(n: int | None = None) -> float:
     """Start the pool's processes now (each imports Prefect); returns the seconds it took."""
     n = n or available_cpus()
     t0 = time.perf_counter()
+    warm_engine()
     runner, _ = process_pool(n)
     executor = runner._executor
     assert executor is not None
@@ -200,8 +220,12 @@ def crunch(batch: int, segments: int, span: int, processes: int | None = None) -
     runner, lock = process_pool(n)
     with lock:
         # The runner caches the serialised run context per lifecycle; this batch's task
-        # runs belong to this flow run, so refresh it.
-        runner._cached_context = None
+        # runs belong to this flow run, so refresh it. Without the settings: the pool's
+        # processes have this process's environment, and rebuilding Prefect's settings
+        # from the copy costs each task run more than the rest of its overhead.
+        context = serialize_context()
+        context.pop("settings_context", None)
+        runner._cached_context, runner._cached_env = context, dict(os.environ)
         futures = [runner.submit(count_segments, {"ranges": g}) for g in group_segments(parts, n)]
     done = [f.result() for f in futures]
     return {
@@ -243,7 +267,7 @@ POOLS: dict[str, list[Task[..., Any]]] = {
     "heavy": [heavy_batch],
 }
 
-# What a worker of a pool does once at start, in the background (FANOUT_WARM_POOL=0: skip).
+# What a worker of a pool does once at start, in the background (others: warm_engine).
 POOL_WARMUP: dict[str, Callable[[], object]] = {"heavy": warm_process_pool}
 
 

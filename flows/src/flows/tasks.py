@@ -130,6 +130,17 @@ def group_segments(parts: list[workload.Segment], processes: int) -> list[list[t
     return [[(p.lo, p.hi) for p in parts[g::groups]] for g in range(groups)]
 
 
+def without_settings(context: dict[str, Any]) -> dict[str, Any]:
+    """A serialised run context minus the sender's Prefect settings.
+
+    Prefect rebuilds a whole Settings object from them for every task run that receives
+    them: every nested settings model looks for .env and profile files again, over half
+    of a task run's CPU (measured with py-spy). The receiving process's own environment
+    is the one that applies (a worker's pod, a pool process started by this one).
+    """
+    return {k: v for k, v in context.items() if k != "settings_context"}
+
+
 def warm_engine() -> None:
     """Load now what this process's first task or flow run would load: ~2-3 s of CPU on
     our machines, most of it Prefect collections (prefect-kubernetes and its
@@ -220,12 +231,9 @@ def crunch(batch: int, segments: int, span: int, processes: int | None = None) -
     runner, lock = process_pool(n)
     with lock:
         # The runner caches the serialised run context per lifecycle; this batch's task
-        # runs belong to this flow run, so refresh it. Without the settings: the pool's
-        # processes have this process's environment, and rebuilding Prefect's settings
-        # from the copy costs each task run more than the rest of its overhead.
-        context = serialize_context()
-        context.pop("settings_context", None)
-        runner._cached_context, runner._cached_env = context, dict(os.environ)
+        # runs belong to this flow run, so refresh it. The pool's processes were started
+        # from this one and have its environment.
+        runner._cached_context, runner._cached_env = without_settings(serialize_context()), dict(os.environ)
         futures = [runner.submit(count_segments, {"ranges": g}) for g in group_segments(parts, n)]
     done = [f.result() for f in futures]
     return {

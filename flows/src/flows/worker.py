@@ -44,26 +44,20 @@ from prefect.task_worker import TaskWorker
 from prefect.variables import Variable
 
 from flows.liveness import Heartbeat, variable_name
-from flows.tasks import POOL_WARMUP, POOLS, close_process_pools, pool_tasks, warm_engine
+from flows.tasks import POOL_WARMUP, POOLS, close_process_pools, pool_tasks, warm_engine, without_settings
 
 log = logging.getLogger("flows.worker")
 
 
 class RunThreads(ThreadPoolExecutor):
     """The threads a worker runs its task runs in; each run uses this worker's own
-    Prefect settings, not the submitter's.
-
-    A run's context carries the submitter's serialised settings, and Prefect rebuilds a
-    whole Settings object from them for every run: every nested settings model looks for
-    .env and profile files again. Measured with py-spy, that was over half of a worker's
-    CPU per task run. The worker's environment is the one that applies in its pod anyway
-    (its API URL, its storage), so the submitter's copy is left out.
-    """
+    Prefect settings (its pod's API URL, storage), not the copy the submitter sent along
+    in the run's context (see `flows.tasks.without_settings`)."""
 
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
         context = kwargs.get("context")
-        if isinstance(context, dict) and "settings_context" in context:
-            kwargs["context"] = {k: v for k, v in context.items() if k != "settings_context"}
+        if isinstance(context, dict):
+            kwargs["context"] = without_settings(context)
         return super().submit(fn, *args, **kwargs)
 
 

@@ -17,6 +17,8 @@ import pytest
 import yaml
 from conftest import CHART, K8S_VERSION, NAMESPACE, RELEASE
 
+from flows.local import SERVER_SETTINGS
+
 FULL = f"{RELEASE}-fanout"
 SERVER = f"{FULL}-server"
 REAPER = f"{FULL}-reaper"
@@ -747,3 +749,20 @@ def test_bad_values_are_rejected_naming_the_value(values, message, render_error)
 )
 def test_template_validation_also_names_the_value_without_the_schema(values, message, render_error):
     assert message in render_error(values, "--skip-schema-validation")
+
+
+def test_server_settings_match_the_local_stack(render):
+    """The chart's server runs with the same Prefect settings as `make run` and `make bench`
+    measure (`flows.local.SERVER_SETTINGS`), and a user's value reaches the server."""
+    (c,) = pod_spec(render().get("Deployment", SERVER))["containers"]
+    env = env_of(c)
+    assert {k: env.get(k) for k in SERVER_SETTINGS} == SERVER_SETTINGS
+    triggers_off = {"server": {"settings": {"PREFECT_SERVER_SERVICES_TRIGGERS_ENABLED": "false"}}}
+    (c,) = pod_spec(render(triggers_off).get("Deployment", SERVER))["containers"]
+    assert env_of(c)["PREFECT_SERVER_SERVICES_TRIGGERS_ENABLED"] == "false"
+    assert env_of(c)["PREFECT_SERVER_DATABASE_SQLALCHEMY_POOL_SIZE"] == "20"
+
+
+def test_server_settings_must_be_prefect_strings(render_error):
+    assert "'LOG_LEVEL' does not match pattern '^PREFECT_" in render_error({"server": {"settings": {"LOG_LEVEL": "x"}}})
+    assert "/server/settings/PREFECT_X" in render_error({"server": {"settings": {"PREFECT_X": 5}}})

@@ -2,12 +2,14 @@
 fail here, loudly, rather than silently fall back to slow or wrong submission."""
 
 import inspect
+import pickle
 
+import cloudpickle
 import prefect.tasks
 import pytest
 from prefect import Task
 
-from flows.submit import PayloadTooLarge, _context_serialized_once, check_payloads, submit_many
+from flows.submit import PayloadTooLarge, PicklesOnce, _context_serialized_once, check_payloads, submit_many
 from flows.tasks import process_chunk
 
 
@@ -23,6 +25,18 @@ def test_context_is_serialised_once_and_restored() -> None:
         first = prefect.tasks.serialize_context()
         assert prefect.tasks.serialize_context() is first
     assert prefect.tasks.serialize_context is original
+
+
+def test_the_stored_context_is_pickled_once_without_the_senders_settings() -> None:
+    with _context_serialized_once():
+        frozen = prefect.tasks.serialize_context()
+    assert isinstance(frozen, PicklesOnce)
+    assert "settings_context" not in frozen and "flow_run_context" in frozen
+    # Stored parameters embed the bytes pickled up front; a worker gets a plain dict back.
+    stored = cloudpickle.dumps({"parameters": {"start": 0}, "context": frozen})
+    assert frozen.blob in stored
+    back = pickle.loads(stored)["context"]
+    assert type(back) is dict and back == dict(frozen)
 
 
 def test_bad_concurrency_is_rejected_before_any_submission() -> None:

@@ -98,6 +98,22 @@ class Proc:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
 
 
+# The chart's `server.settings` defaults (a chart test keeps the two equal): task-run
+# states and events written to the database in batches, and a connection pool big enough
+# that the server does not open a PostgreSQL connection per request under load (Prefect's
+# 5 + 10 overflow did: backends lived ~1-7 s). The environment overrides them.
+SERVER_SETTINGS = {
+    "PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_BATCH_SIZE": "100",
+    "PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_READ_BATCH_SIZE": "100",
+    "PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_FLUSH_INTERVAL": "1",
+    "PREFECT_SERVER_SERVICES_EVENT_PERSISTER_BATCH_SIZE": "200",
+    "PREFECT_SERVER_SERVICES_EVENT_PERSISTER_READ_BATCH_SIZE": "100",
+    "PREFECT_SERVER_SERVICES_EVENT_PERSISTER_FLUSH_INTERVAL": "1",
+    "PREFECT_SERVER_DATABASE_SQLALCHEMY_POOL_SIZE": "20",
+    "PREFECT_SERVER_DATABASE_SQLALCHEMY_MAX_OVERFLOW": "20",
+}
+
+
 class LocalStack:
     """Database + Prefect server + task workers under `root`; a context manager."""
 
@@ -216,6 +232,7 @@ class LocalStack:
     def _spawn_server(self, port: int, timeout: float) -> Proc:
         env = self.env(
             "server",
+            **{name: os.environ.get(name, value) for name, value in SERVER_SETTINGS.items()},
             PREFECT_API_DATABASE_CONNECTION_URL=self.db_url,
             PREFECT_SERVER_LOGGING_LEVEL="WARNING",
             PREFECT_UI_ENABLED="true" if self.ui else "false",

@@ -11,7 +11,8 @@ storage, SCHEDULED state, the same event Prefect emits) through Prefect's own
 `Task.create_run`, but with one shared client (an `AsyncClientContext`, which Prefect's
 `get_client()` returns inside it), the task's storage resolved once, the run context
 serialised once per batch (it cannot change during one), and `concurrency` creates in
-flight at a time.
+flight at a time (32 by default: 1,000 unchunked runs went at 25-29 runs/s against 23 with
+16; the server does less work per run when its requests and events come in bunches).
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ from prefect import Task
 from prefect.context import AsyncClientContext, serialize_context
 from prefect.results import aresolve_result_storage
 from prefect.utilities.engine import emit_task_run_state_change_event
+
+from flows.tasks import without_settings
 
 # Parameters of one task run larger than this are refused before anything is submitted:
 # they go through shared storage and the worker's memory once per run, and a fan-out item
@@ -62,10 +65,29 @@ def check_payloads(task: Task[..., Any], calls: Sequence[dict[str, Any]], limit:
 _PATCH_LOCK = threading.Lock()
 
 
+class PicklesOnce(dict[str, Any]):
+    """A dict that is pickled once, up front: each run's stored parameters embed these
+    bytes instead of pickling the dict again. A run context is worth it: it holds the
+    parent flow, pickled by value when the flow runs as `__main__`, and pickling the
+    parameters with it was 7% of the submitter's py-spy samples. It unpickles as a plain
+    dict."""
+
+    def __init__(self, data: dict[str, Any]) -> None:
+        super().__init__(data)
+        self.blob = cloudpickle.dumps(dict(data))
+
+    def __reduce__(self) -> tuple[Any, tuple[bytes]]:
+        return cloudpickle.loads, (self.blob,)
+
+
 @contextlib.contextmanager
 def _context_serialized_once() -> Iterator[None]:
-    """Serialise the caller's run context once and hand that copy to every create_run."""
-    frozen = serialize_context()
+    """Serialise the caller's run context once and hand that copy to every create_run.
+
+    Without the submitter's settings: our worker drops them anyway and runs with its own
+    (see `flows.tasks.without_settings`), so they would be pickled and stored for nothing.
+    """
+    frozen = PicklesOnce(without_settings(serialize_context()))
     with _PATCH_LOCK:
         original = prefect.tasks.serialize_context
         prefect.tasks.serialize_context = lambda *a, **k: frozen if not (a or k) else original(*a, **k)
@@ -99,7 +121,7 @@ async def _submit_all(
         return list(await asyncio.gather(*(one(p) for p in calls)))
 
 
-def submit_many(task: Task[..., Any], calls: Sequence[dict[str, Any]], concurrency: int = 16) -> list[UUID | Exception]:
+def submit_many(task: Task[..., Any], calls: Sequence[dict[str, Any]], concurrency: int = 32) -> list[UUID | Exception]:
     """Create one deferred run of `task` per parameter dict (the task's parameter names
     as keys, as `delay(**kwargs)` would bind them); returns, in order, each run's id or
     the exception that prevented its creation, so the caller can account for every item.

@@ -10,6 +10,7 @@ writes JSON and a PNG plot.
 from __future__ import annotations
 
 import argparse
+import atexit
 import concurrent.futures as cf
 import contextlib
 import json
@@ -361,8 +362,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", type=Path, default=Path(".bench"))
     p.add_argument("--quick", action="store_true", help="skip the 10,000-item and scaling runs")
     args = p.parse_args(argv)
+    # SIGTERM (`kill`, a CI timeout) unwinds like an exception, so the finally blocks stop
+    # Redis, Celery and our local stack rather than leave them running.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     scenarios = [sc for sc in SCENARIOS if not (args.quick and sc.items > 1000)]
     root = Path(tempfile.mkdtemp(prefix="fanout-bench-"))
+    atexit.register(shutil.rmtree, root, True)  # also when stopped between the peers
     results: list[Result] = []
     extra: dict[str, Any] = {}
 

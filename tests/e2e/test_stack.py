@@ -218,7 +218,11 @@ def test_scaling_the_light_pool_down_mid_run_loses_nothing(stack: Stack) -> None
 def test_force_deleting_busy_workers_loses_nothing(stack: Stack) -> None:
     stack.scale(LIGHT, 3)
     stack.wait_rollout(LIGHT)
-    job = stack.start_fanout("--items", "120", "--chunk-size", "1", "--item-sleep", "3", "--heavy-batches", "0")
+    # Items of 8 s: a force-deleted pod still gets SIGTERM and the kubelet's minimum grace
+    # (2 s) before SIGKILL, and drains what it can in that time. With 3 s items the runs in
+    # flight could all finish in those 2 s (nothing to redeliver, seen once in CI); with
+    # 8 s they cannot.
+    job = stack.start_fanout("--items", "120", "--chunk-size", "1", "--item-sleep", "8", "--heavy-batches", "0")
     stack.wait_busy(job, done=5)
     victims = stack.ready_pods("fanout.io/pool=light")[:2]
     stack.k("delete", "pod", *victims, "--force", "--grace-period=0")

@@ -7,7 +7,9 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -25,6 +27,7 @@ def task_run_count(stack: LocalStack) -> int:
 
 
 def run_fanout(stack: LocalStack, tmp_path: Path, *args: str) -> tuple[subprocess.CompletedProcess[str], dict]:
+    tmp_path.mkdir(parents=True, exist_ok=True)
     out = tmp_path / "summary.json"
     proc = stack.run_flow([*args, "--json", str(out)], timeout=600)
     summary = json.loads(out.read_text()) if out.exists() else {}
@@ -158,6 +161,57 @@ def test_a_worker_started_before_the_server_waits_for_it(stack: LocalStack) -> N
     w.popen.send_signal(signal.SIGTERM)
     assert w.popen.wait(timeout=30) == 0, w.output()[-2000:]
     assert "Traceback" not in w.output()
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    total = 0.0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
+def test_a_killed_pool_process_fails_its_batch_and_the_next_batch_gets_a_new_pool(
+    stack: LocalStack, tmp_path: Path
+) -> None:
+    """A pool process killed mid-batch (the OOM killer, in a pod) fails that batch with
+    its reason; the heavy worker does not keep the broken pool and fail every later
+    batch, it starts a new one."""
+    short = ("--items", "1", "--heavy-batches", "1", "--heavy-segments", "4", "--heavy-span", "20000")
+    proc, s = run_fanout(stack, tmp_path / "a", *short)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    old = s["heavy"][0]["pids"]
+
+    long = (
+        "--items",
+        "1",
+        "--heavy-batches",
+        "1",
+        "--heavy-segments",
+        "400",
+        "--heavy-span",
+        str(workload.CPU_ITEM_SPAN),
+    )
+    done: dict[str, Any] = {}
+    runner = threading.Thread(
+        target=lambda: done.update(zip(("proc", "s"), run_fanout(stack, tmp_path / "b", *long), strict=True))
+    )
+    busy_before = cpu_seconds(old)
+    runner.start()
+    wait_until(lambda: cpu_seconds(old) - busy_before > 1.0, 120, "the long batch to be computing on the pool")
+    os.kill(old[0], signal.SIGKILL)
+    runner.join(300)
+    assert done["proc"].returncode == 1, done["proc"].stderr[-3000:]
+    assert not done["s"]["heavy"]
+    assert "a process of the pool died while running it" in done["s"]["heavy_failed"]["0"], done["s"]["heavy_failed"]
+
+    proc, s = run_fanout(stack, tmp_path / "c", *short)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (heavy,) = s["heavy"]
+    assert len(heavy["pids"]) == 2 and not set(heavy["pids"]) & set(old), (heavy["pids"], old)
 
 
 def test_sigterm_ends_a_heavy_worker_and_its_pool_after_a_batch(stack: LocalStack, tmp_path: Path) -> None:

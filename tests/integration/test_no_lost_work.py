@@ -147,3 +147,23 @@ def test_an_item_that_keeps_killing_workers_is_failed_as_poison(
     assert list(s["failed"]) == ["2"]
     assert "poison: delivered 3 times and never finished" in s["failed"]["2"]
     assert sorted(r["item"] for r in s["results"]) == [0, 1, 3, 4, 5]
+
+
+def test_a_worker_told_to_stop_while_the_server_is_away_exits_promptly(stack: LocalStack, workers: list[Proc]) -> None:
+    """A pod scaled down during a server outage must not sit in Terminating: Prefect's
+    client retries a refused connection for about a minute, and the worker's last call
+    (removing its heartbeat) would wait that long."""
+    w = stack.start_worker("light", limit=1)
+    workers.append(w)
+    server = next(p for p in stack.procs if p.name == "server")
+    server.stop()
+    stack.procs.remove(server)
+    try:
+        wait_until(lambda: not status(w)["connected"], 30, "the worker to notice the server is gone")
+        t0 = time.monotonic()
+        w.popen.send_signal(signal.SIGTERM)  # to the worker only, as Kubernetes does
+        assert w.popen.wait(timeout=30) == 0, w.output()[-2000:]
+        assert time.monotonic() - t0 < 15, w.output()[-2000:]
+        assert "stopped after" in w.output()
+    finally:
+        stack.start_server(port=server.port)

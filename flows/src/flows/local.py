@@ -225,9 +225,10 @@ class LocalStack:
         return self.db_url
 
     # -- server and workers ----------------------------------------------------------
-    def start_server(self, timeout: float = 90) -> Proc:
+    def start_server(self, timeout: float = 90, port: int | None = None) -> Proc:
+        """The Prefect server (on `port`, e.g. the one a stopped server had; else any free one)."""
         self._database_url()
-        return self._spawn_server(free_port(), timeout)
+        return self._spawn_server(port or free_port(), timeout)
 
     def _spawn_server(self, port: int, timeout: float) -> Proc:
         env = self.env(

@@ -14,6 +14,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
 from prefect import Task, flow, task
@@ -180,8 +181,34 @@ _POOLS_LOCK = threading.Lock()
 _WARM_POOLS: dict[int, tuple[ProcessPoolTaskRunner, threading.Lock]] = {}
 
 
+def _is_broken(runner: ProcessPoolTaskRunner) -> bool:
+    """True once one of the pool's processes has died (killed, out of memory): Python's
+    ProcessPoolExecutor then refuses all further work, for the life of the pool."""
+    executor = runner._executor
+    return executor is None or bool(getattr(executor, "_broken", False))
+
+
+def discard_pool(n: int) -> None:
+    """Forget the pool of `n` processes (stopping what is left of it): the next batch
+    starts a new one instead of failing on a broken pool."""
+    with _POOLS_LOCK:
+        entry = _WARM_POOLS.pop(n, None)
+    if entry is not None:
+        runner, _ = entry
+        try:
+            runner.__exit__(None, None, None)
+        except Exception as exc:  # noqa: BLE001 - a broken pool may not shut down cleanly
+            log.warning("stopping a broken process pool: %s", exc)
+
+
 def process_pool(n: int) -> tuple[ProcessPoolTaskRunner, threading.Lock]:
-    """The started pool of `n` processes of this process, and the lock to submit under."""
+    """The started pool of `n` processes of this process, and the lock to submit under;
+    a new one if a process of the kept pool has died since the last batch."""
+    with _POOLS_LOCK:
+        broken = n in _WARM_POOLS and _is_broken(_WARM_POOLS[n][0])
+    if broken:
+        log.warning("a process of the pool of %d died since the last batch; starting a new pool", n)
+        discard_pool(n)
     with _POOLS_LOCK:
         if n not in _WARM_POOLS:
             if not _WARM_POOLS:
@@ -210,7 +237,11 @@ def warm_process_pool(n: int | None = None) -> float:
     runner, _ = process_pool(n)
     executor = runner._executor
     assert executor is not None
-    pids = {f.result() for f in [executor.submit(_warm_child, 1.0) for _ in range(n)]}
+    try:
+        pids = {f.result() for f in [executor.submit(_warm_child, 1.0) for _ in range(n)]}
+    except BrokenProcessPool:  # a process died while starting (killed); the first batch starts a new pool
+        log.warning("process pool of %d broken while warming up; the first batch will start a new one", n)
+        return time.perf_counter() - t0
     seconds = time.perf_counter() - t0
     log.info("process pool of %d warm in %.1fs (%d processes started)", n, seconds, len(pids))
     return seconds
@@ -236,7 +267,14 @@ def crunch(batch: int, segments: int, span: int, processes: int | None = None) -
         # from this one and have its environment.
         runner._cached_context, runner._cached_env = without_settings(serialize_context()), dict(os.environ)
         futures = [runner.submit(count_segments, {"ranges": g}) for g in group_segments(parts, n)]
-    done = [f.result() for f in futures]
+    try:
+        done = [f.result() for f in futures]
+    except BrokenProcessPool as exc:
+        discard_pool(n)
+        raise RuntimeError(
+            f"batch {batch}: a process of the pool died while running it (killed, or out of memory: "
+            f"pool of {n} processes for {segments} segments); the next batch starts a new pool"
+        ) from exc
     return {
         "batch": batch,
         "primes": sum(d["primes"] for d in done),

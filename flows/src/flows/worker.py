@@ -82,7 +82,7 @@ class FanoutWorker(TaskWorker):
         if self.stopping:
             return
         self.stopping = True
-        log.info("signal %d: draining (no new runs; finishing %s in flight)", signum, self.current_tasks)
+        log.info("signal %d: draining (no new runs; finishing %d in flight)", signum, len(self.in_flight()))
         if self._loop is not None and self._intake is not None:
             self._loop.call_soon_threadsafe(self._intake.cancel)
 
@@ -176,12 +176,16 @@ class FanoutWorker(TaskWorker):
                 log.warning("heartbeat not published: %s", exc)
             await asyncio.sleep(interval)
 
-    async def clear_heartbeat(self) -> None:
-        """A worker that exits cleanly holds nothing: remove its heartbeat."""
+    async def clear_heartbeat(self, timeout: float = 5.0) -> None:
+        """A worker that exits cleanly holds nothing: remove its heartbeat.
+
+        Bounded: with the server away, Prefect's client retries a refused connection
+        with backoff for about a minute, and a pod told to stop would wait that long.
+        """
         try:
-            await Variable.aunset(variable_name(self.client_id))
+            await asyncio.wait_for(Variable.aunset(variable_name(self.client_id)), timeout)
         except Exception as exc:  # noqa: BLE001 - the reaper expires it anyway
-            log.warning("heartbeat not removed: %s", exc)
+            log.warning("heartbeat not removed: %s", str(exc) or type(exc).__name__)
 
     def status(self) -> dict[str, Any]:
         """What `/status` reports."""

@@ -100,6 +100,44 @@ def test_heavy_subflow_runs_on_heavy_pool_with_2_processes(stack: LocalStack, tm
     assert "heavy-0 Completed" in heavy_worker.output()
 
 
+def scheduled_events_of(stack: LocalStack, flow_run_id: str) -> int:
+    """How many `prefect.task-run.Scheduled` events the server recorded for the task runs
+    of a flow run (the event persister writes them within ~1 s)."""
+    body = {
+        "filter": {
+            "event": {"name": ["prefect.task-run.Scheduled"]},
+            "related": {"id": [f"prefect.flow-run.{flow_run_id}"]},
+        },
+        "limit": 50,
+    }
+    with api(stack) as c:
+        return len(c.post("/events/filter", json=body).json()["events"])
+
+
+def test_scheduled_events_as_delay_sends_them_unless_turned_off(stack: LocalStack, tmp_path: Path) -> None:
+    """By default each run created sends Prefect's Scheduled event, as `.delay()` does
+    (automations may react to it); FANOUT_SCHEDULED_EVENTS=0 leaves it out, and the runs
+    still complete with their Scheduled state recorded."""
+    flow_runs = {}
+    for setting in ("0", "1"):  # off first: once the later run's events are in, its would be too
+        out = tmp_path / f"events-{setting}.json"
+        proc = subprocess.run(
+            [sys.executable, "-m", "flows.fanout", "--items", "3", "--chunk-size", "1", "--json", str(out)],
+            env=stack.env("submitter", FANOUT_SCHEDULED_EVENTS=setting),
+            capture_output=True,
+            text=True,
+            timeout=300,
+            cwd=stack.root,
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        s = json.loads(out.read_text())
+        assert s["completed"] == 3
+        flow_runs[setting] = s["flow_run_id"]
+    wait_until(lambda: scheduled_events_of(stack, flow_runs["1"]) >= 3, 30, "the default run's Scheduled events")
+    assert scheduled_events_of(stack, flow_runs["1"]) == 3
+    assert scheduled_events_of(stack, flow_runs["0"]) == 0
+
+
 def test_failing_item_is_reported_and_the_rest_complete(stack: LocalStack, tmp_path: Path) -> None:
     proc, s = run_fanout(stack, tmp_path, "--items", "20", "--chunk-size", "5", "--fail-items", "7", "--timeout", "300")
     assert proc.returncode == 1

@@ -25,6 +25,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -257,6 +258,25 @@ class Ours:
             **{f"cpu_ms_per_run_{k}": round(v * 1000 / s["task_runs"], 1) for k, v in cpu.items()},
         })  # fmt: skip
 
+    @contextlib.contextmanager
+    def lean(self) -> Iterator[None]:
+        """The configuration for users with no automations (README, Benchmark): the
+        server's triggers service off, no per-run Scheduled events from the submitter.
+        The server is restarted into it and back out of it."""
+        lean = {"PREFECT_SERVER_SERVICES_TRIGGERS_ENABLED": "false", "FANOUT_SCHEDULED_EVENTS": "0"}
+        saved = {k: os.environ.get(k) for k in lean}
+        os.environ.update(lean)
+        self.stack.restart_server()
+        try:
+            yield
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+            self.stack.restart_server()
+
     def heavy(self, runs: list[tuple[int, int]]) -> tuple[float, list[dict[str, Any]]]:
         """Heavy batches (segments, span) through one heavy worker, after its process pool
         is warm: the pool's start-up seconds, and each batch's pool time vs serial.
@@ -307,7 +327,7 @@ def cpu_seconds(pids: list[int]) -> float:
 # -- report -------------------------------------------------------------------------------
 def report(results: list[Result], extra: dict[str, Any], out_dir: Path) -> None:
     by = {(r.system, r.scenario): r for r in results}
-    lines = [f"{'scenario':<12} {'system':<16} {'wall s':>8} {'items/s':>9} {'ovh ms':>7}  ratios (ours/peer)"]
+    lines = [f"{'scenario':<12} {'system':<20} {'wall s':>8} {'items/s':>9} {'ovh ms':>7}  ratios (ours/peer)"]
     data: dict[str, Any] = {"machine": {"cpus": os.cpu_count()}, "runs": [], **extra}
     for sc in SCENARIOS:
         for r in (r for r in results if r.scenario == sc.name):
@@ -319,7 +339,7 @@ def report(results: list[Result], extra: dict[str, Any], out_dir: Path) -> None:
             data["runs"].append({**asdict(r), "items_per_second": r.items_per_second,
                                  "overhead_ms_per_item": r.overhead_ms(sc), "ratio_to": ratios})  # fmt: skip
             rs = " ".join(f"{k} {v}x" for k, v in ratios.items())
-            lines.append(f"{sc.name:<12} {r.system:<16} {r.seconds:>8.2f} {r.items_per_second:>9.1f} "
+            lines.append(f"{sc.name:<12} {r.system:<20} {r.seconds:>8.2f} {r.items_per_second:>9.1f} "
                          f"{r.overhead_ms(sc):>7.2f}  {rs}")  # fmt: skip
     text = "\n".join(lines)
     print("\n" + text, flush=True)
@@ -373,7 +393,7 @@ def main(argv: list[str] | None = None) -> None:
 
     def record(r: Result) -> None:
         results.append(r)
-        say(f"{r.scenario:<12} {r.system:<16} {r.seconds:8.2f}s {r.items_per_second:9.1f} items/s {r.extra or ''}")
+        say(f"{r.scenario:<12} {r.system:<20} {r.seconds:8.2f}s {r.items_per_second:9.1f} items/s {r.extra or ''}")
 
     for sc in scenarios:
         say(f"{sc.name}: processpool, dask")
@@ -395,6 +415,10 @@ def main(argv: list[str] | None = None) -> None:
             if sc.items <= 1000:
                 say(f"{sc.name}: ours (one item per task run)")
                 record(ours.run(sc, "ours-unchunked", 1))
+            if sc.name == "trivial-1k":
+                say(f"{sc.name}: ours (one item per task run; no automations: triggers off, no Scheduled events)")
+                with ours.lean():
+                    record(ours.run(sc, "ours-unchunked-lean", 1))
         if not args.quick:
             extra["scaling_sleep_200"] = {}
             for n in (1, 2, 4, 8):

@@ -155,9 +155,7 @@ def test_a_worker_told_to_stop_while_the_server_is_away_exits_promptly(stack: Lo
     (removing its heartbeat) would wait that long."""
     w = stack.start_worker("light", limit=1)
     workers.append(w)
-    server = next(p for p in stack.procs if p.name == "server")
-    server.stop()
-    stack.procs.remove(server)
+    port = stack.stop_server()
     try:
         wait_until(lambda: not status(w)["connected"], 30, "the worker to notice the server is gone")
         t0 = time.monotonic()
@@ -166,4 +164,4 @@ def test_a_worker_told_to_stop_while_the_server_is_away_exits_promptly(stack: Lo
         assert time.monotonic() - t0 < 15, w.output()[-2000:]
         assert "stopped after" in w.output()
     finally:
-        stack.start_server(port=server.port)
+        stack.start_server(port=port)

@@ -226,9 +226,19 @@ class LocalStack:
 
     # -- server and workers ----------------------------------------------------------
     def start_server(self, timeout: float = 90, port: int | None = None) -> Proc:
-        """The Prefect server (on `port`, e.g. the one a stopped server had; else any free one)."""
-        self._database_url()
+        """The Prefect server, on its database (created the first time), on `port` (the
+        one a stopped server had, so clients find it again) or else any free one."""
+        if not self.db_url:
+            self._database_url()
         return self._spawn_server(port or free_port(), timeout)
+
+    def stop_server(self) -> int:
+        """Stop the Prefect server, as a pod deletion would; returns its port, for
+        `start_server(port=...)`. Its database stays."""
+        old = next(p for p in self.procs if p.name == "server")
+        old.stop()
+        self.procs.remove(old)
+        return old.port
 
     def _spawn_server(self, port: int, timeout: float) -> Proc:
         env = self.env(
@@ -297,10 +307,7 @@ class LocalStack:
     def restart_server(self, timeout: float = 90) -> Proc:
         """Stop the Prefect server and start it again on the same port and database, as a
         pod restart would: whatever it held only in memory (its task-run queue) is gone."""
-        old = next(p for p in self.procs if p.name == "server")
-        old.stop()
-        self.procs.remove(old)
-        return self._spawn_server(old.port, timeout)
+        return self.start_server(timeout, port=self.stop_server())
 
     def run_flow(self, args: list[str], timeout: float = 900, capture: bool = True) -> subprocess.CompletedProcess[str]:
         """Run the parent flow (`python -m flows.fanout ARGS`) as a separate submitter

@@ -305,6 +305,50 @@ class Ours:
             w.stop()
             self.stack.procs.remove(w)
 
+    def user_subflow(self, cases: list[tuple[int, float]], repeats: int = 3) -> dict[str, Any]:
+        """A user's process-pool subflow (tests/usercode) on a worker pinned to 2 CPUs:
+        per case (items, ms per item), the median seconds of a batch serially, on
+        Prefect's ProcessPoolTaskRunner and on our WarmProcessPoolTaskRunner (its pool
+        started by a first, untimed batch), timed inside the worker."""
+        self.set_workers(0, 1)
+        path = f"{HERE.parent / 'usercode'}:{HERE}"
+        w = self.stack.start_worker("user", limit=1, cpus=2, tasks="userbench:timed_batch", env={"PYTHONPATH": path})
+        code = (
+            "import json, sys; from prefect import flow; from userbench import timed_batch\n"
+            "@flow\ndef b(items, ms, runner): return timed_batch.delay(list(range(items)), ms, runner).result()\n"
+            "print('RESULT ' + json.dumps(b(int(sys.argv[1]), float(sys.argv[2]), sys.argv[3])))"
+        )
+
+        def batch(items: int, ms: float, runner: str) -> float:
+            env = self.stack.env("submitter", PYTHONPATH=path)
+            proc = subprocess.run([sys.executable, "-c", code, str(items), str(ms), runner], env=env,
+                                  capture_output=True, text=True, timeout=900)  # fmt: skip
+            lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+            if proc.returncode or not lines:
+                raise RuntimeError(f"user subflow {runner} failed: {proc.stdout[-2000:]}{proc.stderr[-2000:]}")
+            return float(json.loads(lines[-1].removeprefix("RESULT "))["seconds"])
+
+        try:
+            batch(2, 1, "warm")  # starts the kept pool, as a worker's first batch would
+            out: dict[str, Any] = {}
+            for items, ms in cases:
+                times = {r: sorted(batch(items, ms, r) for _ in range(repeats))[repeats // 2] for r in
+                         ("serial", "plain", "warm")}  # fmt: skip
+                # Prefect's cost per task run inside the pool: pool time beyond the ideal
+                # (serial time over 2 processes), per item.
+                per_run_ms = max(0.0, times["warm"] - times["serial"] / 2) / items * 1000
+                out[f"{items}x{ms:g}ms"] = {
+                    **{f"{r}_seconds": round(t, 2) for r, t in times.items()},
+                    "warm_speedup": round(times["serial"] / times["warm"], 2),
+                    "plain_speedup": round(times["serial"] / times["plain"], 2),
+                    "warm_overhead_ms_per_item": round(per_run_ms, 1),
+                }
+                say(f"  user subflow {items} x {ms:g} ms: {out[f'{items}x{ms:g}ms']}")
+            return out
+        finally:
+            w.stop()
+            self.stack.procs.remove(w)
+
     def close(self) -> None:
         self.stack.close()
 
@@ -440,6 +484,8 @@ def main(argv: list[str] | None = None) -> None:
             "speedup_excluding_overhead": heavy["serial_seconds"] / max(1e-9, heavy["seconds"] - empty["seconds"]),
         }  # fmt: skip
         say(f"process pool: {extra['process_pool']}")
+        say("a user's process-pool subflow: serial vs ProcessPoolTaskRunner vs WarmProcessPoolTaskRunner")
+        extra["user_subflow"] = ours.user_subflow([(40, 200.0), (40, 32.0)])
     finally:
         ours.close()
         shutil.rmtree(root, ignore_errors=True)

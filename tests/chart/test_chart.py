@@ -331,6 +331,7 @@ def test_reaper_is_one_pod_that_reaches_the_prefect_api_only(render):
     (c,) = spec["containers"]
     assert c["command"] == [
         "python", "-m", "flows.reaper", "--interval", "10", "--stale-after", "30", "--max-deliveries", "3",
+        "--fail-unserved-after", "600",
     ]  # fmt: skip
     # Its own ServiceAccount without a token, and no Role bound to it.
     assert spec["serviceAccountName"] == REAPER
@@ -354,6 +355,7 @@ def test_reaper_settings_come_from_values(render):
             "interval": 5,
             "staleAfter": 60,
             "maxDeliveries": 7,
+            "failUnservedAfter": 120,
             "resources": {"requests": {"cpu": "20m"}},
             "nodeSelector": {"tier": "system"},
             "tolerations": [toleration],
@@ -362,7 +364,9 @@ def test_reaper_settings_come_from_values(render):
         "pools": {"light": {"extraEnv": [{"name": "FANOUT_HEARTBEAT_SECONDS", "value": "20"}]}},
     }
     spec = pod_spec(render(values).get("Deployment", REAPER))
-    assert spec["containers"][0]["command"][3:] == ["--interval", "5", "--stale-after", "60", "--max-deliveries", "7"]
+    assert spec["containers"][0]["command"][3:] == [
+        "--interval", "5", "--stale-after", "60", "--max-deliveries", "7", "--fail-unserved-after", "120"
+    ]  # fmt: skip
     assert spec["containers"][0]["resources"]["requests"] == {"cpu": "20m", "memory": "192Mi"}  # merged by Helm
     assert spec["nodeSelector"] == {"tier": "system"}
     assert spec["tolerations"] == [toleration]
@@ -392,7 +396,9 @@ def test_s3_storage_uses_a_block_and_credentials_from_a_secret(render):
     assert setup["s3"]["bucket"] == "results" and setup["s3"]["endpointUrl"] == "http://minio:9000"
     flow_env = {e["name"]: e for e in setup["env"]}
     assert flow_env["FANOUT_STORAGE"]["value"] == "s3-bucket/fanout"
-    assert flow_env["PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK"]["value"] == "s3-bucket/fanout"
+    # Prefect's default storage follows FANOUT_STORAGE through our plugin, in every pod.
+    assert flow_env["PREFECT_PLUGINS_ENABLED"]["value"] == "true"
+    assert env["PREFECT_PLUGINS_ENABLED"] == "true"
     assert "AWS_SECRET_ACCESS_KEY" in flow_env
     assert [v["name"] for v in setup["volumes"]] == ["tmp"]
 
@@ -714,6 +720,7 @@ BAD_VALUES = [
     ({"reaper": {"interval": 0}}, "/reaper/interval"),
     ({"reaper": {"staleAfter": 0}}, "/reaper/staleAfter"),
     ({"reaper": {"maxDeliveries": 0}}, "/reaper/maxDeliveries"),
+    ({"reaper": {"failUnservedAfter": -1}}, "/reaper/failUnservedAfter"),
     ({"reaper": {"replicas": 2}}, "'replicas' not allowed"),
     ({"reaper": {"staleAfter": 10}}, "reaper.staleAfter must be at least 3 times the workers' heartbeat"),
     (

@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 import yaml
-from e2e_kube import BIN_DIR, REPO, Cluster, eventually, scaled
+from e2e_kube import BIN_DIR, CLUSTER_NAME, REPO, Cluster, build_image, eventually, scaled
 
 from flows.workload import checksum_item
 
@@ -281,6 +281,107 @@ def test_service_accounts_cannot_read_secrets(stack: Stack) -> None:
     # The Kubernetes worker launches flow-run Jobs here, and nowhere else.
     assert can(f"{RELEASE}-worker", "create", "jobs", stack.namespace)
     assert not can(f"{RELEASE}-worker", "create", "jobs", "default")
+
+
+# --- the user's own code ------------------------------------------------------------------
+
+USERCODE = REPO / "tests" / "usercode" / "userwork"
+USER_POOL = f"{RELEASE}-pool-user"
+
+
+def user_image(stack: Stack) -> tuple[str, str]:
+    """The user's package (tests/usercode, which the chart has never heard of) installed
+    into an image built on top of the runtime image, as a user builds theirs."""
+    repo, tag = stack.image
+    user_tag = f"{tag}-userwork"
+    site = "/opt/fanout/lib/python3.11/site-packages/userwork"
+    build_image(
+        f"fanout-e2e/userwork:{user_tag}",
+        f"""\
+FROM {repo}:{tag}
+COPY __init__.py tasks.py {site}/
+USER 0
+RUN python -m compileall -q {site}
+USER 10001:10001
+""",
+        files={name: (USERCODE / name).read_text() for name in ("__init__.py", "tasks.py")},
+    )
+    stack.cluster.kind("load", "docker-image", f"fanout-e2e/userwork:{user_tag}", "--name", CLUSTER_NAME)
+    return "fanout-e2e/userwork", user_tag
+
+
+def worker_status(stack: Stack, pod: str) -> dict[str, Any]:
+    code = "import urllib.request; print(urllib.request.urlopen('http://127.0.0.1:8080/status').read().decode())"
+    r = stack.k("exec", pod, "--", "python", "-c", code, check=False, timeout=60)
+    return json.loads(r.stdout) if r.returncode == 0 else {}
+
+
+def test_a_pool_of_the_users_own_task_loses_nothing_when_a_busy_pod_is_force_deleted(stack: Stack) -> None:
+    """A chart pool with `tasks:` naming the user's plain Prefect task (in their own image);
+    the user's flow fans out with `.delay()` and waits with `.result()`, exactly as Prefect
+    documents it; a busy pod of that pool is force-deleted mid-run: every item correct,
+    exactly once, and the user's flow sees no error."""
+    repo, tag = user_image(stack)
+    stack.helm(
+        "upgrade", RELEASE, str(CHART), "-f", str(KIND_VALUES),
+        "--set", f"image.repository={repo}", "--set", f"image.tag={tag}",
+        "--set", "pools.user.replicas=2", "--set", "pools.user.limit=4",
+        "--set", "pools.user.tasks={userwork.tasks:square}",
+        "--wait", "--timeout", f"{int(scaled(900))}s", timeout=960,
+    )  # fmt: skip
+    eventually(lambda: len(stack.ready_pods("fanout.io/pool=user")) == 2, timeout=300, message="user pool ready")
+    code = (
+        "import json; from userwork.tasks import sync_fanout; "
+        "print('USER-RESULT ' + json.dumps(sync_fanout(40, sleep=8)))"
+    )
+    job = start_job(stack, ["python", "-c", code], image=f"{repo}:{tag}")
+
+    def busy_pod() -> str | None:
+        for pod in stack.ready_pods("fanout.io/pool=user"):
+            if worker_status(stack, pod).get("running", 0) >= 2:
+                return pod
+        return None
+
+    eventually(lambda: busy_pod() is not None, timeout=300, interval=2, message="a user pod busy")
+    victim = busy_pod()
+    assert victim
+    stack.k("delete", "pod", victim, "--force", "--grace-period=0")
+
+    def finished() -> bool:
+        status = stack.cluster.json("-n", stack.namespace, "get", "job", job).get("status", {})
+        return bool(status.get("succeeded") or status.get("failed"))
+
+    eventually(finished, timeout=900, interval=3, message=f"user job {job} finishes")
+    logs = stack.k("logs", f"job/{job}", timeout=120).stdout
+    lines = [ln for ln in logs.splitlines() if ln.startswith("USER-RESULT ")]
+    assert lines, f"the user's flow printed no result:\n{logs[-4000:]}"
+    results = json.loads(lines[-1].removeprefix("USER-RESULT "))
+    assert [r["item"] for r in results] == list(range(40)), "every item exactly once, in order"
+    assert all(r["value"] == r["item"] ** 2 for r in results)
+    reaper = stack.k("logs", f"deploy/{RELEASE}-reaper", timeout=120).stdout
+    assert "redelivered (delivery 2)" in reaper, "the killed pod's runs were delivered again"
+    # Back to the runtime image and without the user pool for the tests after this one.
+    stack.helm(
+        "upgrade", RELEASE, str(CHART), "-f", str(KIND_VALUES), *stack.image_args(),
+        "--wait", "--timeout", f"{int(scaled(900))}s", timeout=960,
+    )  # fmt: skip
+
+
+def start_job(stack: Stack, command: list[str], image: str) -> str:
+    """A Job like the chart's demo Job (env, volumes, security), running `command`."""
+    rendered = stack.helm(
+        "template", RELEASE, str(CHART), "--kube-version", os.environ.get("K8S_VERSION", "v1.33.13"),
+        "-f", str(KIND_VALUES), *stack.image_args(), "--show-only", "templates/tests/demo.yaml",
+    ).stdout  # fmt: skip
+    job = yaml.safe_load(rendered)
+    name = f"fanout-e2e-user-{uuid.uuid4().hex[:6]}"
+    job["metadata"]["name"] = name
+    job["metadata"].pop("annotations", None)
+    container = job["spec"]["template"]["spec"]["containers"][0]
+    container["command"] = command
+    container["image"] = image
+    stack.k("create", "-f", "-", input=json.dumps(job))
+    return name
 
 
 # --- upgrade, uninstall -----------------------------------------------------------------

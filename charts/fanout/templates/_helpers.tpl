@@ -98,11 +98,16 @@ one auth.yaml generates. */}}
 {{- include "fanout.authEnv" . }}
 {{- end }}
 
-{{/* Environment of every pod that submits or runs fanned-out tasks. */}}
+{{/* Environment of every pod that submits or runs fanned-out tasks. Our Prefect plugin
+(flows.plugin) points Prefect's default storage at FANOUT_STORAGE, so that a plain @task
+needs no storage argument, and makes futures never wait forever; the runtime image turns
+it on too, this keeps it on in an image of the user's own. */}}
 {{- define "fanout.clientEnv" -}}
 {{ include "fanout.apiEnv" . }}
 - name: FANOUT_STORAGE
   value: {{ include "fanout.storageSetting" . | quote }}
+- name: PREFECT_PLUGINS_ENABLED
+  value: "true"
 {{- if eq .Values.storage.type "s3" }}
 {{- include "fanout.s3Env" . }}
 {{- end }}

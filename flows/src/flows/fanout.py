@@ -26,10 +26,11 @@ from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, TaskR
 from prefect.client.schemas.objects import FlowRun, TaskRun
 from prefect.deployments import run_deployment
 from prefect.runtime import flow_run
+from prefect.states import Failed
 from prefect.variables import Variable
 
 from flows import workload
-from flows.liveness import recovered_name
+from flows.liveness import read_heartbeats, recovered_name, unserved_reason
 from flows.submit import check_payloads, submit_many
 from flows.tasks import ChunkFailed, heavy_batch, process_chunk
 
@@ -41,6 +42,11 @@ POLL_PAGE = 200  # the API's default page size
 MAX_ITEMS = 10_000_000
 MAX_TASK_RUNS = 100_000
 MAX_HEAVY_BATCHES = 10_000
+# A fan-out whose task no live worker serves is told so after this long: an error when
+# workers serve the same task with other code (the task key embeds a hash of it), a
+# warning when no worker serves it at all (a pool may be scaling up from zero).
+UNSERVED_PATIENCE = 60.0
+HEARTBEAT_STALE_AFTER = 30.0
 
 
 def auto_chunk_size(items: int) -> int:
@@ -158,12 +164,26 @@ def _value(state: Any) -> Any:
         return exc
 
 
-def wait_for_runs(weights: dict[UUID, int], deadline: float, label: str, flow_runs: bool = False) -> Waited:
+def served_keys(client: Any) -> set[str]:
+    """Task keys that live workers serve, from their heartbeats."""
+    now = time.time()
+    return {k for hb in read_heartbeats(client).values() if hb.alive(now, HEARTBEAT_STALE_AFTER) for k in hb.task_keys}
+
+
+def wait_for_runs(
+    weights: dict[UUID, int],
+    deadline: float,
+    label: str,
+    flow_runs: bool = False,
+    task_key: str | None = None,
+) -> Waited:
     """Wait until every task run (or flow run) in `weights` (run id -> items it
     carries) is final or the deadline passes; logs progress every few seconds.
 
     The server may be away for a while (restart, rollout): polling errors are logged
-    and polling goes on until the deadline.
+    and polling goes on until the deadline. With `task_key`, runs still Scheduled after
+    UNSERVED_PATIENCE seconds while live workers serve that task only with other code
+    are failed with that reason, instead of waiting for the deadline.
     """
     logger = get_run_logger()
     out = Waited()
@@ -172,8 +192,13 @@ def wait_for_runs(weights: dict[UUID, int], deadline: float, label: str, flow_ru
     last_log = 0.0
     interval = 0.2
     last: dict[UUID, str] = {}
+    started = time.monotonic()
+    unserved_checked = False
     with get_client(sync_client=True) as client:
         while waiting:
+            if task_key and not unserved_checked and time.monotonic() - started > UNSERVED_PATIENCE:
+                unserved_checked = True
+                waiting -= _fail_if_unserved(client, task_key, waiting, out, logger)
             states: Counter[str] = Counter()
             try:
                 runs = _poll(client, list(waiting), flow_runs)
@@ -198,11 +223,37 @@ def wait_for_runs(weights: dict[UUID, int], deadline: float, label: str, flow_ru
                 logger.info("%s: %d/%d done; runs waiting: %s", label, done, total, busy)
                 last_log = now
             if waiting and now > deadline:
-                out.unfinished = {r: f"timed out; {last.get(r, 'run state unknown')}" for r in waiting}
+                out.unfinished.update({r: f"timed out; {last.get(r, 'run state unknown')}" for r in waiting})
                 break
             time.sleep(interval)
             interval = min(1.0, interval * 1.5)
     return out
+
+
+def _fail_if_unserved(client: Any, task_key: str, waiting: set[UUID], out: Waited, logger: Any) -> set[UUID]:
+    """Fail the still-Scheduled runs of `waiting` if no live worker serves `task_key`
+    but some serve the same task with other code; returns the runs failed."""
+    try:
+        reason = unserved_reason(task_key, served_keys(client))
+        if reason is None:
+            return set()
+        scheduled = [r for r in _poll(client, list(waiting), False) if r.state is not None and r.state.is_scheduled()]
+    except Exception as exc:  # noqa: BLE001 - the reaper reports it too; keep waiting
+        logger.warning("cannot check which workers serve %s: %s", task_key, exc)
+        return set()
+    if "code differs" not in reason:
+        logger.warning("%d runs still wait: %s", len(scheduled), reason)
+        return set()
+    logger.error("%d runs will never run: %s", len(scheduled), reason)
+    failed = set()
+    for run in scheduled:
+        try:
+            client.set_task_run_state(run.id, Failed(message=f"not run: {reason}"), force=True)
+        except Exception as exc:  # noqa: BLE001 - reported either way
+            logger.warning("could not mark %s failed: %s", run.id, exc)
+        out.unfinished[run.id] = f"not run: {reason}"
+        failed.add(run.id)
+    return failed
 
 
 def recovered_runs(flow_run_id: str) -> int:
@@ -309,7 +360,9 @@ def fanout(
     )
 
     deadline = time.monotonic() + timeout
-    waited = wait_for_runs({r: len(rng) for r, rng in pending.items()}, deadline, "items")
+    waited = wait_for_runs(
+        {r: len(rng) for r, rng in pending.items()}, deadline, "items", task_key=process_chunk.task_key
+    )
     for run_id, rng in pending.items():
         value = waited.values.get(run_id)
         if run_id in waited.unfinished:

@@ -14,9 +14,15 @@ free slot (None while full). Times are UNIX seconds of the writer's clock.
 
 from __future__ import annotations
 
+import json
+import logging
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
+
+log = logging.getLogger("flows.liveness")
+PAGE = 200
 
 PREFIX = "fanout-worker-"
 RECOVERED_PREFIX = "fanout-recovered-"
@@ -73,3 +79,51 @@ class Heartbeat:
     def idle_for(self, now: float) -> float:
         """Seconds it has had a free slot without interruption (0 when full)."""
         return 0.0 if self.free_since is None else max(0.0, now - self.free_since)
+
+
+def read_heartbeats(client: Any) -> dict[str, Heartbeat]:
+    """Every worker heartbeat on the server, by variable name (a sync Prefect client)."""
+    variables: list[dict[str, Any]] = []
+    while True:
+        body = {"variables": {"name": {"like_": f"{PREFIX}%"}}, "limit": PAGE, "offset": len(variables)}
+        page = client.request("POST", "/variables/filter", json=body).json()
+        variables += page
+        if len(page) < PAGE:
+            break
+    beats = {}
+    for var in variables:
+        try:
+            value = var["value"] if isinstance(var["value"], dict) else json.loads(var["value"])
+            beats[var["name"]] = Heartbeat.from_value(value)
+        except (KeyError, TypeError, ValueError):
+            log.warning("ignoring malformed heartbeat %s", var.get("name"))
+    return beats
+
+
+def task_name(task_key: str) -> str:
+    """The task's name part of a Prefect task key, `<qualname>-<hash of its code>`."""
+    return task_key.rsplit("-", 1)[0]
+
+
+def unserved_reason(task_key: str, served: Iterable[str]) -> str | None:
+    """None if a live worker serves `task_key`; else why no worker will ever run it.
+
+    A task key embeds a hash of the task's code, so a submitter whose code differs from
+    the workers' by a single character creates runs that no worker receives.
+    """
+    served = set(served)
+    if task_key in served:
+        return None
+    name = task_name(task_key)
+    same_name = sorted(k for k in served if task_name(k) == name)
+    if same_name:
+        return (
+            f"no live task worker serves task {name!r} with this code (key {task_key}); workers serve "
+            f"{', '.join(same_name)}: the task's code differs between the submitter and the workers "
+            "(the key embeds a hash of it); run the same code on both sides (rebuild the image)"
+        )
+    shown = ", ".join(sorted(served)[:10]) or "nothing (no live worker)"
+    return (
+        f"no live task worker serves task {name!r} (key {task_key}); live workers serve: {shown}. "
+        f"Start workers for it (python -m flows.worker --tasks module:{name}, or a chart pool's tasks)"
+    )

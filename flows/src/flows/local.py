@@ -140,6 +140,9 @@ class LocalStack:
             "FANOUT_STORAGE": str(self.storage),
             "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
             "PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW": "ignore",
+            # Our plugin (flows.plugin): Prefect's default storage on FANOUT_STORAGE and
+            # the client fixes, in every process, as the image does.
+            "PREFECT_PLUGINS_ENABLED": "true",
             "PYTHONUNBUFFERED": "1",
         }
         if self.api_url:
@@ -263,11 +266,14 @@ class LocalStack:
         wait: bool = True,
         timeout: float = 60,
         cpus: int | None = None,
+        tasks: str = "",
+        env: dict[str, str] | None = None,
     ) -> Proc:
         """A `python -m flows.worker` process; waits until it is subscribed (healthz 200).
 
         `cpus` pins it (and the process pools it starts) to that many CPUs, the local
-        stand-in for a pod's CPU limit.
+        stand-in for a pod's CPU limit. `tasks` (`module:task,...`) serves those tasks
+        instead of the pool's own; `env` adds to its environment (e.g. PYTHONPATH).
         """
         name = name or f"worker-{pool}-{sum(p.name.startswith(f'worker-{pool}') for p in self.procs)}"
         port = free_port()
@@ -283,13 +289,14 @@ class LocalStack:
             "127.0.0.1",
             "--health-port",
             str(port),
+            *(["--tasks", tasks] if tasks else []),
         ]
         if cpus is not None:
             mine = sorted(os.sched_getaffinity(0))
             if not 1 <= cpus <= len(mine):
                 raise ValueError(f"cpus must be between 1 and {len(mine)}, got {cpus}")
             argv = ["taskset", "-c", ",".join(map(str, mine[:cpus])), *argv]
-        proc = self.spawn(name, argv, self.env(name), port)
+        proc = self.spawn(name, argv, self.env(name, **(env or {})), port)
         if wait:
             self.wait_healthy(proc, timeout)
         return proc
@@ -298,10 +305,13 @@ class LocalStack:
         """Until the worker's /healthz says it is subscribed to the server."""
         wait_until(lambda: http_ok(f"http://127.0.0.1:{worker.port}/healthz"), timeout, worker.name, worker.popen)
 
-    def start_reaper(self, interval: float = 2.0, stale_after: float = 8.0, max_deliveries: int = 3) -> Proc:
+    def start_reaper(
+        self, interval: float = 2.0, stale_after: float = 8.0, max_deliveries: int = 3, fail_unserved_after: float = 600
+    ) -> Proc:
         """The reaper (`python -m flows.reaper`), with short timings for a local demo/test."""
         argv = [sys.executable, "-m", "flows.reaper", "--interval", str(interval), "--stale-after",
-                str(stale_after), "--max-deliveries", str(max_deliveries)]  # fmt: skip
+                str(stale_after), "--max-deliveries", str(max_deliveries),
+                "--fail-unserved-after", str(fail_unserved_after)]  # fmt: skip
         return self.spawn("reaper", argv, self.env("reaper"))
 
     def restart_server(self, timeout: float = 90) -> Proc:

@@ -17,6 +17,15 @@ sweeps every few seconds and fixes both, using the workers' heartbeats (flows.li
 After `max_deliveries` deliveries a run is failed as poison instead: an item that kills
 every worker it lands on must not take the whole pool down.
 
+The runs watched are those of every task key a worker has declared in its heartbeat
+(the demo's, a user's `--tasks`, a chart pool's `tasks:`), not a list compiled in here.
+
+- unserved: a `.delay()` run Scheduled longer than `stale_after` whose task key no live
+  worker serves (no worker for that task, or the submitter's code differs from the
+  workers': the key embeds a hash of the code) is logged, naming the keys the workers
+  do serve; after `fail_unserved_after` seconds it is failed with that reason, so that a
+  caller's `.result()` raises instead of waiting forever.
+
 Both transitions keep the run's parameters (`task_parameters_id`) so the new worker
 reads the same inputs. Prefect's own rule against PENDING -> PENDING makes a second
 delivery of a run already picked up abort instead of running twice.
@@ -27,7 +36,6 @@ Run it as `python -m flows.reaper` (one replica is enough; two are harmless).
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import signal
 import sys
@@ -42,8 +50,7 @@ from prefect.client.schemas.objects import StateType, TaskRun
 from prefect.states import Failed, Scheduled
 from prefect.variables import Variable
 
-from flows.liveness import PREFIX, Heartbeat, recovered_name
-from flows.tasks import POOLS
+from flows.liveness import Heartbeat, read_heartbeats, recovered_name, task_name, unserved_reason
 
 log = logging.getLogger("flows.reaper")
 PAGE = 200
@@ -57,55 +64,44 @@ class Sweep:
     redelivered: list[str] = field(default_factory=list)
     requeued: list[str] = field(default_factory=list)
     poisoned: list[str] = field(default_factory=list)
+    unserved: list[str] = field(default_factory=list)  # waiting for a worker that serves their key
+    failed_unserved: list[str] = field(default_factory=list)
     expired_heartbeats: int = 0
-
-
-def all_task_keys() -> set[str]:
-    return {t.task_key for tasks in POOLS.values() for t in tasks}
 
 
 class Reaper:
     def __init__(
         self,
         client: SyncPrefectClient,
-        task_keys: Iterable[str],
+        task_keys: Iterable[str] = (),
         stale_after: float = 30.0,
         max_deliveries: int = 3,
+        fail_unserved_after: float = 600.0,
     ) -> None:
-        if stale_after <= 0 or max_deliveries < 1:
-            raise ValueError("stale_after must be > 0 and max_deliveries >= 1")
+        if stale_after <= 0 or max_deliveries < 1 or fail_unserved_after < 0:
+            raise ValueError("stale_after must be > 0, max_deliveries >= 1 and fail_unserved_after >= 0")
         self.client = client
-        self.task_keys = set(task_keys)
+        self.extra_keys = set(task_keys)  # watched even before any worker declares them
+        self.task_keys = set(self.extra_keys)
         self.stale_after = stale_after
         self.max_deliveries = max_deliveries
+        self.fail_unserved_after = fail_unserved_after  # 0: never fail, only report
+        self._reported: set[str] = set()  # task keys already logged as unserved
 
     # -- reading ---------------------------------------------------------------------
-    def heartbeats(self) -> dict[str, tuple[Heartbeat, Any]]:
-        """Every worker heartbeat: variable name -> (heartbeat, variable)."""
-        variables: list[dict[str, Any]] = []
-        while True:
-            body = {"variables": {"name": {"like_": f"{PREFIX}%"}}, "limit": PAGE, "offset": len(variables)}
-            page = self.client.request("POST", "/variables/filter", json=body).json()
-            variables += page
-            if len(page) < PAGE:
-                break
-        beats = {}
-        for var in variables:
-            try:
-                value = var["value"] if isinstance(var["value"], dict) else json.loads(var["value"])
-                beats[var["name"]] = (Heartbeat.from_value(value), var)
-            except (KeyError, TypeError, ValueError):
-                log.warning("ignoring malformed heartbeat %s", var.get("name"))
-        return beats
+    def heartbeats(self) -> dict[str, Heartbeat]:
+        """Every worker heartbeat: variable name -> heartbeat."""
+        return read_heartbeats(self.client)
 
-    def runs_in(self, *types: StateType) -> list[TaskRun]:
-        """Task runs of our task keys in the given state types (all pages)."""
+    def runs_in(self, *types: StateType, every_key: bool = False) -> list[TaskRun]:
+        """Task runs in the given state types (all pages): of the watched task keys, or
+        of any key with `every_key`."""
         found: list[TaskRun] = []
         offset = 0
         flt = TaskRunFilter(state=TaskRunFilterState(type=TaskRunFilterStateType(any_=list(types))))
         while True:
             page = self.client.read_task_runs(task_run_filter=flt, limit=PAGE, offset=offset)
-            found += [r for r in page if r.task_key in self.task_keys]
+            found += [r for r in page if every_key or r.task_key in self.task_keys]
             if len(page) < PAGE:
                 return found
             offset += PAGE
@@ -146,9 +142,13 @@ class Reaper:
         now = time.time() if now is None else now
         out = Sweep()
         beats = self.heartbeats()
-        live = [hb for hb, _ in beats.values() if hb.alive(now, self.stale_after)]
+        live = [hb for hb in beats.values() if hb.alive(now, self.stale_after)]
         out.live_workers = len(live)
         held = {run for hb in live for run in hb.runs}
+        served = {key for hb in live for key in hb.task_keys}
+        # Keys of dead workers too (until their heartbeat expires): their runs are the
+        # ones to redeliver.
+        self.task_keys = self.extra_keys | {key for hb in beats.values() for key in hb.task_keys}
 
         def age(run: TaskRun) -> float:
             return now - run.state.timestamp.timestamp() if run.state else 0.0
@@ -160,17 +160,43 @@ class Reaper:
         # A run whose worker died before its Running state reached the server still
         # looks Scheduled; so does a run a restarted server forgot. Either way it is not
         # in the queue if a worker for its key has been free all along.
-        idle_keys = {key for hb in live if hb.idle_for(now) > self.stale_after for key in hb.task_keys}
-        if idle_keys:
-            for run in self.runs_in(StateType.SCHEDULED):
-                if run.task_key in idle_keys and str(run.id) not in held and age(run) > self.stale_after:
-                    self._recover(run, "Requeued", "not delivered while a worker was free", out)
+        idle_keys = {key for hb in live for key in hb.task_keys if hb.idle_for(now) > self.stale_after}
+        scheduled = [
+            r
+            for r in self.runs_in(StateType.SCHEDULED, every_key=True)
+            if r.state is not None and r.state.state_details.deferred and age(r) > self.stale_after
+        ]
+        for run in scheduled:
+            if run.task_key in idle_keys and str(run.id) not in held:
+                self._recover(run, "Requeued", "not delivered while a worker was free", out)
+        self._unserved([r for r in scheduled if r.task_key not in served], served, age, out)
 
-        for name, (hb, _var) in beats.items():
+        for name, hb in beats.items():
             if now - hb.ts > 10 * self.stale_after:
                 self.client.request("DELETE", f"/variables/name/{name}")
                 out.expired_heartbeats += 1
         return out
+
+    def _unserved(self, runs: list[TaskRun], served: set[str], age: Any, out: Sweep) -> None:
+        """Report runs no live worker will ever receive; fail them after fail_unserved_after."""
+        waiting: dict[str, list[TaskRun]] = {}
+        for run in runs:
+            waiting.setdefault(run.task_key, []).append(run)
+        self._reported &= set(waiting)  # a key served again is reported afresh next time
+        for key, key_runs in waiting.items():
+            reason = unserved_reason(key, served) or ""
+            out.unserved += [str(r.id) for r in key_runs]
+            if key not in self._reported:
+                self._reported.add(key)
+                log.warning("%d run(s) of task %r waiting: %s", len(key_runs), task_name(key), reason)
+            if not self.fail_unserved_after:
+                continue
+            for run in key_runs:
+                if age(run) > self.fail_unserved_after:
+                    message = f"not run: {reason} (waited {age(run):.0f}s)"
+                    self.client.set_task_run_state(run.id, Failed(message=message), force=True)
+                    out.failed_unserved.append(str(run.id))
+                    log.warning("%s %s failed: %s", run.name, run.id, message)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -178,9 +204,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--interval", type=float, default=10.0, help="seconds between sweeps")
     p.add_argument("--stale-after", type=float, default=30.0, help="heartbeat age that counts as dead")
     p.add_argument("--max-deliveries", type=int, default=3, help="deliveries before a run is failed as poison")
+    p.add_argument(
+        "--fail-unserved-after",
+        type=float,
+        default=600.0,
+        help="seconds after which a run no live worker serves is failed with the reason (0: only report)",
+    )
     args = p.parse_args(argv)
-    if args.interval <= 0 or args.stale_after <= 0 or args.max_deliveries < 1:
-        p.error("--interval and --stale-after must be > 0, --max-deliveries >= 1")
+    if args.interval <= 0 or args.stale_after <= 0 or args.max_deliveries < 1 or args.fail_unserved_after < 0:
+        p.error("--interval and --stale-after must be > 0, --max-deliveries >= 1, --fail-unserved-after >= 0")
     logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     log.setLevel(logging.INFO)
     stop = False
@@ -198,17 +230,23 @@ def main(argv: list[str] | None = None) -> None:
         args.max_deliveries,
     )
     with get_client(sync_client=True) as client:
-        reaper = Reaper(client, all_task_keys(), args.stale_after, args.max_deliveries)
+        reaper = Reaper(
+            client,
+            stale_after=args.stale_after,
+            max_deliveries=args.max_deliveries,
+            fail_unserved_after=args.fail_unserved_after,
+        )
         while not stop:
             try:
                 s = reaper.sweep()
-                if s.redelivered or s.requeued or s.poisoned:
+                if s.redelivered or s.requeued or s.poisoned or s.failed_unserved:
                     log.info(
-                        "sweep: %d live workers, %d redelivered, %d requeued, %d poisoned",
+                        "sweep: %d live workers, %d redelivered, %d requeued, %d poisoned, %d failed unserved",
                         s.live_workers,
                         len(s.redelivered),
                         len(s.requeued),
                         len(s.poisoned),
+                        len(s.failed_unserved),
                     )
             except Exception as exc:  # noqa: BLE001 - the server may be restarting; sweep again
                 log.warning("sweep failed: %s", exc)

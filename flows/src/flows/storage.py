@@ -42,3 +42,23 @@ def result_storage() -> Path | str:
             f"{ENV}={value!r} is neither an absolute directory nor a block slug '<block-type>/<block-name>'"
         )
     return value
+
+
+def prefect_storage_env() -> dict[str, str]:
+    """Prefect's own default-storage settings for `FANOUT_STORAGE`, so that a plain
+    `@task` (no `result_storage=`) keeps its parameters and results where every process
+    can read them. Empty when `FANOUT_STORAGE` is not set (Prefect's defaults apply).
+
+    A directory becomes Prefect's local storage path (parameters and results both go
+    there by default); a block slug becomes the default result storage and the default
+    storage of `.delay()` parameters.
+    """
+    value = os.environ.get(ENV, "")
+    if not value:
+        return {}
+    if value.startswith("/"):
+        return {"PREFECT_RESULTS_LOCAL_STORAGE_PATH": value}
+    return {
+        "PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK": value,
+        "PREFECT_TASKS_SCHEDULING_DEFAULT_STORAGE_BLOCK": value,
+    }

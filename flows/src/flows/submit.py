@@ -37,7 +37,7 @@ from prefect.context import AsyncClientContext, serialize_context
 from prefect.results import aresolve_result_storage
 from prefect.utilities.engine import emit_task_run_state_change_event
 
-from flows.tasks import without_settings
+from flows.internals import without_settings
 
 # Parameters of one task run larger than this are refused before anything is submitted:
 # they go through shared storage and the worker's memory once per run, and a fan-out item

@@ -7,11 +7,9 @@ pool `heavy_batch` only, and a light worker never even hears of a heavy run.
 
 from __future__ import annotations
 
-import atexit
 import logging
 import os
 import socket
-import threading
 import time
 from collections.abc import Callable
 from concurrent.futures.process import BrokenProcessPool
@@ -19,11 +17,12 @@ from typing import Any
 
 from prefect import Task, flow, task
 from prefect.client.schemas.objects import State, TaskRun
-from prefect.context import SyncClientContext, serialize_context
-from prefect.task_runners import ProcessPoolTaskRunner
+from prefect.context import serialize_context
 
 from flows import workload
 from flows.cpu import available_cpus
+from flows.internals import without_settings
+from flows.processpool import discard_pool, process_pool, warm_process_pool
 from flows.storage import result_storage
 
 log = logging.getLogger("flows.worker")
@@ -130,121 +129,6 @@ def group_segments(parts: list[workload.Segment], processes: int) -> list[list[t
     """Deal segments round-robin into at most processes * GROUPS_PER_PROCESS groups."""
     groups = min(len(parts), processes * GROUPS_PER_PROCESS)
     return [[(p.lo, p.hi) for p in parts[g::groups]] for g in range(groups)]
-
-
-def without_settings(context: dict[str, Any]) -> dict[str, Any]:
-    """A serialised run context minus the sender's Prefect settings.
-
-    Prefect rebuilds a whole Settings object from them for every task run that receives
-    them: every nested settings model looks for .env and profile files again, over half
-    of a task run's CPU (measured with py-spy). The receiving process's own environment
-    is the one that applies (a worker's pod, a pool process started by this one).
-    """
-    return {k: v for k, v in context.items() if k != "settings_context"}
-
-
-def warm_engine() -> None:
-    """Load now what this process's first task or flow run would load: ~2-3 s of CPU on
-    our machines, most of it Prefect collections (prefect-kubernetes and its
-    dependencies), imported the first time a storage block is validated. Every worker
-    does this at start, so its first run, and a new pod's first runs, are not slow."""
-    import prefect.flow_engine
-    import prefect.task_engine  # noqa: F401
-    from prefect.plugins import load_prefect_collections
-
-    load_prefect_collections()
-
-
-_CHILD_CLIENT: list[SyncClientContext] = []
-
-
-def _init_child() -> None:
-    """Each pool process, once, as it starts: load what its first task run would
-    (without this that run took ~2.3 s, later ones ~0.2 s), and hold one API client for
-    every task run it will run (Prefect otherwise builds one or two per run, each loading
-    the CA bundle into a new SSL context)."""
-    warm_engine()
-    _CHILD_CLIENT.append(SyncClientContext().__enter__())  # for the life of the process
-
-
-def _warm_child(seconds: float) -> int:
-    """A plain call (no Prefect task run, nothing in the UI) that idles a moment, so that
-    the executor starts all its processes now rather than at the first batch."""
-    time.sleep(seconds)
-    return os.getpid()
-
-
-# One started process pool per size, kept for the life of this process. Spawning a process
-# and importing Prefect in it takes seconds on a small machine, more than a typical batch
-# saves; a heavy worker pays it once (and ahead of time, see warm_process_pool), not per batch.
-_POOLS_LOCK = threading.Lock()
-_WARM_POOLS: dict[int, tuple[ProcessPoolTaskRunner, threading.Lock]] = {}
-
-
-def _is_broken(runner: ProcessPoolTaskRunner) -> bool:
-    """True once one of the pool's processes has died (killed, out of memory): Python's
-    ProcessPoolExecutor then refuses all further work, for the life of the pool."""
-    executor = runner._executor
-    return executor is None or bool(getattr(executor, "_broken", False))
-
-
-def discard_pool(n: int) -> None:
-    """Forget the pool of `n` processes (stopping what is left of it): the next batch
-    starts a new one instead of failing on a broken pool."""
-    with _POOLS_LOCK:
-        entry = _WARM_POOLS.pop(n, None)
-    if entry is not None:
-        runner, _ = entry
-        try:
-            runner.__exit__(None, None, None)
-        except Exception as exc:  # noqa: BLE001 - a broken pool may not shut down cleanly
-            log.warning("stopping a broken process pool: %s", exc)
-
-
-def process_pool(n: int) -> tuple[ProcessPoolTaskRunner, threading.Lock]:
-    """The started pool of `n` processes of this process, and the lock to submit under;
-    a new one if a process of the kept pool has died since the last batch."""
-    with _POOLS_LOCK:
-        broken = n in _WARM_POOLS and _is_broken(_WARM_POOLS[n][0])
-    if broken:
-        log.warning("a process of the pool of %d died since the last batch; starting a new pool", n)
-        discard_pool(n)
-    with _POOLS_LOCK:
-        if n not in _WARM_POOLS:
-            if not _WARM_POOLS:
-                atexit.register(close_process_pools)
-            runner = ProcessPoolTaskRunner(max_workers=n, initializer=_init_child).__enter__()
-            _WARM_POOLS[n] = (runner, threading.Lock())
-        return _WARM_POOLS[n]
-
-
-def close_process_pools() -> None:
-    """Stop every kept pool and its processes (idempotent). A worker calls this once it
-    has drained, so that its pod ends as soon as its last run is done."""
-    with _POOLS_LOCK:
-        pools = list(_WARM_POOLS.values())
-        _WARM_POOLS.clear()
-    for runner, lock in pools:
-        with lock:
-            runner.__exit__(None, None, None)
-
-
-def warm_process_pool(n: int | None = None) -> float:
-    """Start the pool's processes now (each imports Prefect); returns the seconds it took."""
-    n = n or available_cpus()
-    t0 = time.perf_counter()
-    warm_engine()
-    runner, _ = process_pool(n)
-    executor = runner._executor
-    assert executor is not None
-    try:
-        pids = {f.result() for f in [executor.submit(_warm_child, 1.0) for _ in range(n)]}
-    except BrokenProcessPool:  # a process died while starting (killed); the first batch starts a new pool
-        log.warning("process pool of %d broken while warming up; the first batch will start a new one", n)
-        return time.perf_counter() - t0
-    seconds = time.perf_counter() - t0
-    log.info("process pool of %d warm in %.1fs (%d processes started)", n, seconds, len(pids))
-    return seconds
 
 
 @flow(name="crunch", persist_result=True, result_storage=result_storage())

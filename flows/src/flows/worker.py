@@ -43,8 +43,11 @@ from prefect.settings import get_current_settings
 from prefect.task_worker import TaskWorker
 from prefect.variables import Variable
 
+from flows import internals
+from flows.internals import without_settings
 from flows.liveness import Heartbeat, variable_name
-from flows.tasks import POOL_WARMUP, POOLS, close_process_pools, pool_tasks, warm_engine, without_settings
+from flows.processpool import close_process_pools, warm_engine
+from flows.tasks import POOL_WARMUP, POOLS, pool_tasks
 
 log = logging.getLogger("flows.worker")
 
@@ -116,7 +119,14 @@ class FanoutWorker(TaskWorker):
                 finally:
                     self._limiter.release_on_behalf_of(slot)
                 # Hand the slot just freed to the run (nothing else takes slots meanwhile).
-                self._limiter.acquire_on_behalf_of_nowait(run.id)
+                try:
+                    self._limiter.acquire_on_behalf_of_nowait(run.id)
+                except RuntimeError:
+                    # This worker already holds that run: the server offered it again
+                    # (it re-queues a run whose ack it had not read when the socket
+                    # dropped, or the reaper requeued it). It is acked; run it once.
+                    log.warning("%s %s: offered again while running it here; skipped", run.name, run.id)
+                    continue
                 self._runs_task_group.start_soon(self._safe_submit_scheduled_task_run, run)
         self.connected = False
         if sub._websocket is not None:
@@ -338,6 +348,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.limit < 1:
         parser.error(f"--limit must be >= 1, got {args.limit}")
     configure_logging()
+    internals.install()  # also without PREFECT_PLUGINS_ENABLED
     # Load what the first run would, in the background, so that a new pod's first runs
     # are as fast as its later ones (FANOUT_WARM_UP=0: skip).
     warmup = warm_engine if args.tasks.strip() else POOL_WARMUP.get(args.pool, warm_engine)

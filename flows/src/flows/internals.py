@@ -1,0 +1,155 @@
+"""Fixes to Prefect's client side, installed in every process of the stack.
+
+This module reaches into Prefect's private internals, on purpose and only here (its
+guard tests are `tests/unit/test_internals.py`): a Prefect upgrade that changes them
+fails those tests instead of silently bringing a hang back. `install()` is idempotent;
+it runs from our Prefect plugin (`flows.plugin`, at `import prefect` when
+`PREFECT_PLUGINS_ENABLED=true`, as in our image, chart and local stack) and when our
+worker starts. What it fixes, each measured on prefect 3.8.8:
+
+1. **Futures that wait forever.** `PrefectDistributedFuture.result()`/`result_async()`
+   read the run's state and, if it is not final, wait for a terminal-state *event* on a
+   websocket the `TaskRunWaiter` opens without waiting for it to be connected. An
+   event published before that subscription exists, and not yet written to the events
+   table its backfill reads, is never seen: the future waits forever although the API
+   shows the run Completed (11 of 18 small fan-outs with the batched task-run recorder;
+   also after a server restart, whose in-memory event stream is gone). We keep the
+   events and add a poll: every `FANOUT_WAIT_POLL_SECONDS` (default 2) one API read of
+   the states of every run this process waits on; a final state found there wakes the
+   waiter exactly as its event would have.
+2. **A `.delay()` during a server restart fails at once.** Prefect's HTTP client
+   retries a refused connection only once *that client object* has connected before
+   (so that a wrong URL fails fast), and `.delay()` builds a fresh client for every
+   call. We make "has connected" a fact of the process: once any client of this
+   process reached the API, a refused connection is retried with Prefect's usual
+   backoff (5 retries: 2+4+8+16+32 s), so a `.delay()` made while the server restarts
+   succeeds once it is back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import threading
+import uuid
+from typing import Any
+
+log = logging.getLogger("flows.internals")
+
+_INSTALLED = threading.Event()
+_CONNECTED = threading.Event()  # some client of this process has reached the API
+POLL_PAGE = 200
+
+
+def poll_seconds() -> float:
+    """Seconds between the waiter's state polls (`FANOUT_WAIT_POLL_SECONDS`, default 2)."""
+    try:
+        return max(0.2, float(os.environ.get("FANOUT_WAIT_POLL_SECONDS", "2")))
+    except ValueError:
+        return 2.0
+
+
+def install() -> None:
+    """Install both fixes into this process's Prefect (once)."""
+    if _INSTALLED.is_set():
+        return
+    _install_waiter_poll()
+    _install_connect_retry()
+    _INSTALLED.set()
+
+
+def without_settings(context: dict[str, Any]) -> dict[str, Any]:
+    """A serialised run context minus the sender's Prefect settings.
+
+    Prefect rebuilds a whole Settings object from them for every task run that receives
+    them: every nested settings model looks for .env and profile files again, over half
+    of a task run's CPU (measured with py-spy). The receiving process's own environment
+    is the one that applies (a worker's pod, a pool process started by this one).
+    """
+    return {k: v for k, v in context.items() if k != "settings_context"}
+
+
+# -- 1. futures that wait forever -----------------------------------------------------
+
+
+def _waited_ids(waiter: Any) -> list[uuid.UUID]:
+    """Task runs someone in this process waits on (futures, done callbacks)."""
+    with waiter._completion_events_lock:
+        return list({*waiter._completion_events, *waiter._completion_callbacks})
+
+
+def _observe(waiter: Any, task_run_id: uuid.UUID, state: Any) -> None:
+    """What TaskRunWaiter's event consumer does for a terminal event (on its loop)."""
+    with waiter._observed_completed_task_runs_lock:
+        waiter._observed_completed_task_runs[task_run_id] = state
+    with waiter._completion_events_lock:
+        if task_run_id in waiter._completion_events:
+            waiter._completion_events[task_run_id].set()
+        callback = waiter._completion_callbacks.pop(task_run_id, None)
+    if callback is not None:
+        callback()
+
+
+async def _poll_states(waiter: Any) -> None:
+    """Forever: read the states of the runs waited on; wake the waiters of final ones."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterId
+
+    interval = poll_seconds()
+    async with get_client() as client:
+        while True:
+            await asyncio.sleep(interval)
+            ids = _waited_ids(waiter)
+            try:
+                for i in range(0, len(ids), POLL_PAGE):
+                    page = ids[i : i + POLL_PAGE]
+                    flt = TaskRunFilter(id=TaskRunFilterId(any_=page))
+                    for run in await client.read_task_runs(task_run_filter=flt, limit=len(page)):
+                        if run.state is not None and run.state.is_final():
+                            _observe(waiter, run.id, run.state)
+            except Exception as exc:  # noqa: BLE001 - the server may be restarting; poll again
+                log.debug("task-run state poll failed: %s", exc)
+
+
+def _install_waiter_poll() -> None:
+    from prefect.task_runs import TaskRunWaiter
+
+    original_start = TaskRunWaiter.start
+    original_stop = TaskRunWaiter.stop
+
+    def start(self: Any) -> None:
+        started = self._started
+        original_start(self)
+        if not started and self._started and self._loop is not None:
+            self._fanout_poller = self._loop.create_task(_poll_states(self))
+
+    def stop(self: Any) -> None:
+        poller = getattr(self, "_fanout_poller", None)
+        if poller is not None:
+            poller.cancel()
+            self._fanout_poller = None
+        original_stop(self)
+
+    TaskRunWaiter.start = start  # type: ignore[method-assign]
+    TaskRunWaiter.stop = stop  # type: ignore[method-assign]
+
+
+# -- 2. a .delay() during a server restart ---------------------------------------------
+
+
+def _has_connected_get(self: Any) -> bool:
+    return bool(self.__dict__.get("_fanout_has_connected")) or _CONNECTED.is_set()
+
+
+def _has_connected_set(self: Any, value: bool) -> None:
+    self.__dict__["_fanout_has_connected"] = value
+    if value:
+        _CONNECTED.set()
+
+
+def _install_connect_retry() -> None:
+    from prefect.client.base import PrefectHttpxAsyncClient, PrefectHttpxSyncClient
+
+    for cls in (PrefectHttpxAsyncClient, PrefectHttpxSyncClient):
+        cls._has_connected = property(_has_connected_get, _has_connected_set)  # type: ignore[attr-defined]

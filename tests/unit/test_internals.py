@@ -1,0 +1,114 @@
+"""Guard tests for `flows.internals`: the private Prefect internals our fixes rely on.
+
+When a Prefect upgrade renames or reshapes one of them, these fail first, naming it,
+instead of a fix silently no longer applying (and futures hanging again).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import uuid
+
+import pytest
+from prefect.client.base import PrefectHttpxAsyncClient, PrefectHttpxSyncClient
+from prefect.states import Completed
+from prefect.task_runners import ProcessPoolTaskRunner
+from prefect.task_runs import TaskRunWaiter
+
+from flows import internals
+from flows.liveness import task_name, unserved_reason
+from flows.storage import prefect_storage_env
+
+
+def test_task_run_waiter_has_what_the_poll_uses() -> None:
+    waiter = TaskRunWaiter()
+    for attr in (
+        "_completion_events",
+        "_completion_events_lock",
+        "_completion_callbacks",
+        "_observed_completed_task_runs",
+        "_observed_completed_task_runs_lock",
+        "_loop",
+        "_started",
+    ):
+        assert hasattr(waiter, attr), f"TaskRunWaiter.{attr} is gone: flows.internals needs updating"
+    assert {"start", "stop", "wait_for_task_run", "instance"} <= set(dir(TaskRunWaiter))
+
+
+def test_an_observed_final_state_wakes_its_waiter_and_callback() -> None:
+    waiter = TaskRunWaiter()
+    run_id, other = uuid.uuid4(), uuid.uuid4()
+    called: list[uuid.UUID] = []
+
+    async def scenario() -> None:
+        event = asyncio.Event()
+        waiter._completion_events[run_id] = event
+        waiter._completion_callbacks[other] = lambda: called.append(other)
+        assert set(internals._waited_ids(waiter)) == {run_id, other}
+        internals._observe(waiter, run_id, Completed())
+        internals._observe(waiter, other, Completed())
+        assert event.is_set()
+
+    asyncio.run(scenario())
+    assert called == [other]
+    assert waiter._observed_completed_task_runs[run_id].is_completed()
+    assert internals._waited_ids(waiter) == [run_id]  # the callback is gone once called
+
+
+def test_prefect_clients_still_gate_connect_retries_on_has_connected() -> None:
+    for cls in (PrefectHttpxAsyncClient, PrefectHttpxSyncClient):
+        assert "self._has_connected" in inspect.getsource(cls), f"{cls.__name__} no longer uses _has_connected"
+
+
+def test_has_connected_becomes_a_fact_of_the_process() -> None:
+    internals.install()
+    a = PrefectHttpxSyncClient(base_url="http://127.0.0.1:9")
+    assert a._has_connected is internals._CONNECTED.is_set()
+    a._has_connected = True  # what Prefect does after a first successful request
+    b = PrefectHttpxSyncClient(base_url="http://127.0.0.1:9")
+    assert b._has_connected, "a fresh client retries a refused connection once the process has connected"
+
+
+def test_process_pool_runner_internals_the_warm_pool_uses() -> None:
+    runner = ProcessPoolTaskRunner(max_workers=2)
+    for attr in ("_cached_context", "_cached_env", "_executor", "_max_workers", "_initializer", "_initargs"):
+        assert hasattr(runner, attr), f"ProcessPoolTaskRunner.{attr} is gone: flows.processpool needs updating"
+
+
+def test_without_settings_drops_only_the_senders_settings() -> None:
+    ctx = {"settings_context": {"x": 1}, "flow_run_context": {"y": 2}}
+    assert internals.without_settings(ctx) == {"flow_run_context": {"y": 2}}
+
+
+@pytest.mark.parametrize(
+    ("value", "env"),
+    [
+        ("", {}),
+        ("/srv/shared", {"PREFECT_RESULTS_LOCAL_STORAGE_PATH": "/srv/shared"}),
+        (
+            "s3-bucket/fanout",
+            {
+                "PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK": "s3-bucket/fanout",
+                "PREFECT_TASKS_SCHEDULING_DEFAULT_STORAGE_BLOCK": "s3-bucket/fanout",
+            },
+        ),
+    ],
+)
+def test_prefect_default_storage_follows_fanout_storage(
+    monkeypatch: pytest.MonkeyPatch, value: str, env: dict[str, str]
+) -> None:
+    monkeypatch.setenv("FANOUT_STORAGE", value)
+    assert prefect_storage_env() == env
+
+
+def test_an_unserved_task_key_is_explained() -> None:
+    assert task_name("square-0a1b2c") == "square"
+    assert unserved_reason("square-aaa", {"square-aaa", "cube-bbb"}) is None
+    other_code = unserved_reason("square-aaa", {"square-bbb", "cube-ccc"})
+    assert other_code is not None
+    assert "code differs between the submitter and the workers" in other_code and "square-bbb" in other_code
+    assert "cube-ccc" not in other_code
+    nobody = unserved_reason("square-aaa", {"cube-ccc"})
+    assert nobody is not None and "live workers serve: cube-ccc" in nobody and "--tasks module:square" in nobody
+    assert "no live worker" in (unserved_reason("square-aaa", set()) or "")

@@ -108,10 +108,14 @@ def test_futures_return_across_a_server_restart(stack: LocalStack, workers: list
     """The server restarts while the user's flow submits (`.delay()` during the outage)
     and waits (`.result()`): every future returns, every result correct."""
     workers += [user_worker(stack) for _ in range(2)]
-    proc = run_user_flow(stack, "paced_fanout(40, gap=0.25, sleep=0.5)", 0, wait=False)
     with api(stack) as c:
-        wait_until(lambda: c.post("/task_runs/count", json={"task_runs": {"name": {"like_": "square"}}}).json() > 8,
-                   120, "first runs submitted")  # fmt: skip
+
+        def squares() -> int:
+            return int(c.post("/task_runs/count", json={"task_runs": {"name": {"like_": "square"}}}).json())
+
+        before = squares()  # earlier tests' runs too
+        proc = run_user_flow(stack, "paced_fanout(40, gap=0.25, sleep=0.5)", 0, wait=False)
+        wait_until(lambda: squares() > before + 8, 120, "this flow's first runs submitted")
     stack.restart_server()
     try:
         out, _ = proc.communicate(timeout=240)

@@ -145,10 +145,12 @@ class Reaper:
         live = [hb for hb in beats.values() if hb.alive(now, self.stale_after)]
         out.live_workers = len(live)
         held = {run for hb in live for run in hb.runs}
-        served = {key for hb in live for key in hb.task_keys}
-        # Keys of dead workers too (until their heartbeat expires): their runs are the
-        # ones to redeliver.
-        self.task_keys = self.extra_keys | {key for hb in beats.values() for key in hb.task_keys}
+        # Keys of every worker with a heartbeat, dead ones too (until their heartbeat
+        # expires): their runs are the ones to redeliver. A key counts as served as long
+        # as some heartbeat declares it: a busy worker whose heartbeat is late, or a pool
+        # restarting its pods, still serves it.
+        served = {key for hb in beats.values() for key in hb.task_keys}
+        self.task_keys = self.extra_keys | served
 
         def age(run: TaskRun) -> float:
             return now - run.state.timestamp.timestamp() if run.state else 0.0

@@ -41,11 +41,11 @@ lock: ## Re-resolve flows/requirements*.lock from flows/pyproject.toml
 
 .PHONY: run
 run: install ## Demo: local server + 2 light + 1 heavy worker, fan out ITEMS items, print per-worker counts
-	$(PY) -m flows.demo --items $(ITEMS)
+	$(PY) -m fanout_demo.demo --items $(ITEMS)
 
 .PHONY: worker
-worker: install ## Run one task worker against PREFECT_API_URL (POOL=light|heavy)
-	$(PY) -m flows.worker --pool $(or $(POOL),light)
+worker: install ## Run one task worker against PREFECT_API_URL serving TASKS=module:task,... (default: the demo's light pool)
+	$(PY) -m fanout.worker --tasks $(or $(TASKS),fanout_demo.tasks:process_item)
 
 # --- tests -------------------------------------------------------------------------
 

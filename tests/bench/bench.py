@@ -1,6 +1,6 @@
 """`make bench`: our fan-out against Dask, Celery+Redis and a ProcessPoolExecutor, in one run.
 
-Every system runs the same per-item functions (flows.workload.WORK) on this machine;
+Every system runs the same per-item functions (fanout_demo.workload.WORK) on this machine;
 clusters and workers are started first and not timed: a run is timed from the first
 submission to the last result. Reports wall time, items/s, overhead per item (wall
 time minus the ideal time for the slots used, per item) and our ratio to each peer;
@@ -32,8 +32,9 @@ from typing import Any
 
 import yaml
 
-from flows import workload
-from flows.local import LocalStack, free_port, wait_until
+from fanout.local import free_port, wait_until
+from fanout_demo import workload
+from fanout_demo.local import DemoStack
 
 HERE = Path(__file__).resolve().parent
 # Task runs at once per light worker as deployed (the chart's default): threads that
@@ -204,7 +205,7 @@ class Ours:
     """The local stack: PostgreSQL, Prefect server, light workers restarted per scenario."""
 
     def __init__(self, root: Path) -> None:
-        self.stack = LocalStack(root, ui=False).__enter__()
+        self.stack = DemoStack(root, ui=False).__enter__()
         self.workers: list[Any] = []
 
     def set_workers(self, n: int, limit: int) -> None:
@@ -305,6 +306,46 @@ class Ours:
             w.stop()
             self.stack.procs.remove(w)
 
+    def user_strings(self, n: int = 1000) -> list[Result]:
+        """A user's function over n strings (tests/usercode/userwork/bulk.py) on 2 workers
+        of the deployed limit: through `fanout.fan_out` (automatic chunking) and as plain
+        Prefect `.delay()` of the same work as a task, each task run waited on with
+        `.result()`. Timed in the submitter, from the first submission to the last result."""
+        self.set_workers(0, 1)
+        path = str(HERE.parent / "usercode")
+        tasks = "userwork.bulk:shout,userwork.bulk:shout_task"
+        ws = [self.stack.start_worker("user", limit=LIGHT_LIMIT, tasks=tasks, env={"PYTHONPATH": path})
+              for _ in range(2)]  # fmt: skip
+        code = (
+            "import json, sys, time\nimport fanout\nfrom prefect import flow\n"
+            "from userwork.bulk import shout, shout_task\n"
+            "words = [f'word-{i}' for i in range(int(sys.argv[1]))]\n"
+            "@flow\ndef api():\n    t0 = time.monotonic(); r = fanout.fan_out(shout, words)\n"
+            "    return time.monotonic() - t0, r.values == [w.upper() + '!' for w in words], r.task_runs\n"
+            "@flow\ndef plain():\n    t0 = time.monotonic(); fs = [shout_task.delay(w) for w in words]\n"
+            "    got = [f.result(timeout=600) for f in fs]\n"
+            "    return time.monotonic() - t0, got == [w.upper() + '!' for w in words], len(fs)\n"
+            "print('RESULT ' + json.dumps((api if sys.argv[2] == 'api' else plain)()))"
+        )
+        out = []
+        try:
+            for label in ("api", "plain"):
+                proc = subprocess.run([sys.executable, "-c", code, str(n), label], capture_output=True, text=True,
+                                      timeout=1800, env=self.stack.env("submitter", PYTHONPATH=path))  # fmt: skip
+                lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+                if proc.returncode or not lines:
+                    raise RuntimeError(f"user strings {label} failed: {proc.stdout[-2000:]}{proc.stderr[-2000:]}")
+                seconds, correct, runs = json.loads(lines[-1].removeprefix("RESULT "))
+                if not correct:
+                    raise RuntimeError(f"user strings {label}: wrong results")
+                system = "ours-api-strings" if label == "api" else "ours-delay-strings"
+                out.append(Result(system, "strings-1k", n, seconds, {"task_runs": runs}))
+            return out
+        finally:
+            for w in ws:
+                w.stop()
+                self.stack.procs.remove(w)
+
     def user_subflow(self, cases: list[tuple[int, float]], repeats: int = 3) -> dict[str, Any]:
         """A user's process-pool subflow (tests/usercode) on a worker pinned to 2 CPUs:
         per case (items, ms per item), the median seconds of a batch serially, on
@@ -385,6 +426,13 @@ def report(results: list[Result], extra: dict[str, Any], out_dir: Path) -> None:
             rs = " ".join(f"{k} {v}x" for k, v in ratios.items())
             lines.append(f"{sc.name:<12} {r.system:<20} {r.seconds:>8.2f} {r.items_per_second:>9.1f} "
                          f"{r.overhead_ms(sc):>7.2f}  {rs}")  # fmt: skip
+    # A user's function over strings: trivial work, so compared with the peers' trivial-1k.
+    for r in (r for r in results if r.scenario == "strings-1k"):
+        ratios = {p: round(r.seconds / by[(p, "trivial-1k")].seconds, 2) for p in ("dask", "celery", "processpool")
+                  if (p, "trivial-1k") in by}  # fmt: skip
+        data["runs"].append({**asdict(r), "items_per_second": r.items_per_second, "ratio_to_trivial_1k": ratios})
+        rs = " ".join(f"{k} {v}x" for k, v in ratios.items())
+        lines.append(f"{r.scenario:<12} {r.system:<20} {r.seconds:>8.2f} {r.items_per_second:>9.1f} {'':>7}  {rs}")
     text = "\n".join(lines)
     print("\n" + text, flush=True)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -484,6 +532,9 @@ def main(argv: list[str] | None = None) -> None:
             "speedup_excluding_overhead": heavy["serial_seconds"] / max(1e-9, heavy["seconds"] - empty["seconds"]),
         }  # fmt: skip
         say(f"process pool: {extra['process_pool']}")
+        say("a user's function over 1,000 strings: fanout.fan_out vs plain .delay()")
+        for r in ours.user_strings(1000):
+            record(r)
         say("a user's process-pool subflow: serial vs ProcessPoolTaskRunner vs WarmProcessPoolTaskRunner")
         extra["user_subflow"] = ours.user_subflow([(40, 200.0), (40, 32.0)])
     finally:

@@ -7,7 +7,7 @@ import time
 
 from celery import Celery
 
-from flows import workload
+from fanout_demo import workload
 
 BROKER = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
 app = Celery("bench", broker=BROKER, backend=BROKER)

@@ -10,6 +10,7 @@ import base64
 import json
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 from uuid import uuid4
 
@@ -17,7 +18,8 @@ import pytest
 import yaml
 from conftest import CHART, K8S_VERSION, NAMESPACE, RELEASE
 
-from flows.local import SERVER_SETTINGS
+from fanout import settings
+from fanout.settings import SERVER_SETTINGS
 
 FULL = f"{RELEASE}-fanout"
 SERVER = f"{FULL}-server"
@@ -36,7 +38,7 @@ CUSTOM_POOLS = {
         "batch": {
             "replicas": 2,
             "limit": 4,
-            "tasks": ["flows.tasks:process_chunk"],
+            "tasks": ["fanout_demo.tasks:process_chunk"],
             "podDisruptionBudget": {"maxUnavailable": "50%"},
         },
     }
@@ -223,7 +225,7 @@ def test_pools_are_task_worker_deployments(render):
         dep = docs.get("Deployment", f"{FULL}-pool-{pool}")
         assert dep["spec"]["replicas"] == replicas
         (c,) = pod_spec(dep)["containers"]
-        assert c["command"] == ["python", "-m", "flows.worker"]
+        assert c["command"] == ["python", "-m", "fanout.worker"]
         env = env_of(c)
         assert env["FANOUT_POOL"] == pool
         assert env["FANOUT_WORKER_LIMIT"] == limit
@@ -304,8 +306,13 @@ def test_custom_pools(render):
     assert pod_spec(light)["terminationGracePeriodSeconds"] == 30
     batch = docs.get("Deployment", f"{FULL}-pool-batch")
     assert env_of(pod_spec(batch)["containers"][0])["FANOUT_POOL"] == "batch"
-    assert env_of(pod_spec(batch)["containers"][0])["FANOUT_TASKS"] == "flows.tasks:process_chunk"
-    assert "FANOUT_TASKS" not in env_of(pod_spec(light)["containers"][0])
+    assert env_of(pod_spec(batch)["containers"][0])["FANOUT_TASKS"] == "fanout_demo.tasks:process_chunk"
+    # the demo's pools name their tasks in the chart's defaults
+    assert env_of(pod_spec(light)["containers"][0])["FANOUT_TASKS"] == "fanout_demo.tasks:process_item"
+    assert "FANOUT_WARM_PROCESS_POOL" not in env_of(pod_spec(light)["containers"][0])
+    heavy = pod_spec(render().get("Deployment", f"{FULL}-pool-heavy"))["containers"][0]
+    assert env_of(heavy)["FANOUT_TASKS"] == "fanout_demo.tasks:heavy_batch"
+    assert env_of(heavy)["FANOUT_WARM_PROCESS_POOL"] == "auto"
     assert docs.get("PodDisruptionBudget", f"{FULL}-pool-batch")["spec"]["maxUnavailable"] == "50%"
     assert docs.names("PodDisruptionBudget") == {f"{FULL}-pool-light", f"{FULL}-pool-batch"}
 
@@ -330,7 +337,7 @@ def test_reaper_is_one_pod_that_reaches_the_prefect_api_only(render):
     spec = pod_spec(dep)
     (c,) = spec["containers"]
     assert c["command"] == [
-        "python", "-m", "flows.reaper", "--interval", "10", "--stale-after", "30", "--max-deliveries", "3",
+        "python", "-m", "fanout.reaper", "--interval", "10", "--stale-after", "30", "--max-deliveries", "3",
         "--fail-unserved-after", "600",
     ]  # fmt: skip
     # Its own ServiceAccount without a token, and no Role bound to it.
@@ -676,7 +683,7 @@ def test_demo_job_runs_the_fanout_with_the_worker_environment(render):
     docs = render({"demo": {"items": 777}})
     job = docs.get("Job", f"{FULL}-demo")
     (c,) = pod_spec(job)["containers"]
-    assert c["command"][:5] == ["python", "-m", "flows.fanout", "--items", "777"]
+    assert c["command"][:5] == ["python", "-m", "fanout_demo.flow", "--items", "777"]
     extra = render(None, "--set", "demo.extraArgs={--heavy-cpus,2}").get("Job", f"{FULL}-demo")
     assert pod_spec(extra)["containers"][0]["command"][-2:] == ["--heavy-cpus", "2"]
     env = env_of(c)
@@ -730,9 +737,10 @@ BAD_VALUES = [
     ({"auth": {"enabled": "yes"}}, "/auth/enabled"),
     ({"auth": {"secretName": "x"}}, "'secretName' not allowed"),
     ({"networkPolicy": {"enabled": 1}}, "/networkPolicy/enabled"),
-    ({"pools": {"bogus": {"replicas": 1}}}, "pools.bogus: unknown pool; the image serves light, heavy"),
+    ({"pools": {"bogus": {"replicas": 1}}}, "pools.bogus.tasks is required"),
+    ({"pools": {"heavy": {"warmProcessPool": "lots"}}}, "/pools/heavy/warmProcessPool"),
     ({"pools": {"mine": {"tasks": ["not a task"]}}}, "/pools/mine/tasks/0"),
-    ({"imagePools": []}, "/imagePools"),
+    ({"imagePools": ["light"]}, "'imagePools' not allowed"),
 ]
 
 
@@ -751,7 +759,7 @@ def test_bad_values_are_rejected_naming_the_value(values, message, render_error)
         ({"reaper": {"interval": 0}}, "reaper.interval must be >= 1"),
         ({"reaper": {"maxDeliveries": 0}}, "reaper.maxDeliveries must be >= 1"),
         ({"reaper": {"staleAfter": 14}}, "reaper.staleAfter must be at least 3 times"),
-        ({"pools": {"bogus": {"replicas": 1}}}, "pools.bogus: unknown pool"),
+        ({"pools": {"bogus": {"replicas": 1}}}, "pools.bogus.tasks is required"),
     ],
 )
 def test_template_validation_also_names_the_value_without_the_schema(values, message, render_error):
@@ -760,7 +768,7 @@ def test_template_validation_also_names_the_value_without_the_schema(values, mes
 
 def test_server_settings_match_the_local_stack(render):
     """The chart's server runs with the same Prefect settings as `make run` and `make bench`
-    measure (`flows.local.SERVER_SETTINGS`), and a user's value reaches the server."""
+    measure (`fanout.local.SERVER_SETTINGS`), and a user's value reaches the server."""
     (c,) = pod_spec(render().get("Deployment", SERVER))["containers"]
     env = env_of(c)
     assert {k: env.get(k) for k in SERVER_SETTINGS} == SERVER_SETTINGS
@@ -773,3 +781,14 @@ def test_server_settings_match_the_local_stack(render):
 def test_server_settings_must_be_prefect_strings(render_error):
     assert "'LOG_LEVEL' does not match pattern '^PREFECT_" in render_error({"server": {"settings": {"LOG_LEVEL": "x"}}})
     assert "/server/settings/PREFECT_X" in render_error({"server": {"settings": {"PREFECT_X": 5}}})
+
+
+def test_chart_defaults_are_the_codes_defaults():
+    """fanout.settings holds every default; the chart's must be the same, not kept in step by hand."""
+    values = yaml.safe_load((Path(CHART) / "values.yaml").read_text())
+    reaper = values["reaper"]
+    assert reaper["interval"] == settings.REAPER_INTERVAL
+    assert reaper["staleAfter"] == settings.STALE_AFTER
+    assert reaper["maxDeliveries"] == settings.MAX_DELIVERIES
+    assert reaper["failUnservedAfter"] == settings.FAIL_UNSERVED_AFTER
+    assert reaper["staleAfter"] >= 3 * settings.HEARTBEAT_SECONDS

@@ -23,7 +23,7 @@ import pytest
 import yaml
 from e2e_kube import BIN_DIR, CLUSTER_NAME, REPO, Cluster, build_image, eventually, scaled
 
-from flows.workload import checksum_item
+from fanout_demo.workload import checksum_item
 
 HELM = os.environ.get("HELM", str(BIN_DIR / "helm"))
 CHART = REPO / "charts" / "fanout"
@@ -111,7 +111,7 @@ class Stack:
         job["metadata"]["name"] = name
         job["metadata"].pop("annotations", None)
         container = job["spec"]["template"]["spec"]["containers"][0]
-        container["command"] = ["python", "-m", "flows.fanout", "--json", "-", "--timeout", "1200", *args]
+        container["command"] = ["python", "-m", "fanout_demo.flow", "--json", "-", "--timeout", "1200", *args]
         self.k("create", "-f", "-", input=json.dumps(job))
         return name
 
@@ -299,12 +299,12 @@ def user_image(stack: Stack) -> tuple[str, str]:
         f"fanout-e2e/userwork:{user_tag}",
         f"""\
 FROM {repo}:{tag}
-COPY __init__.py tasks.py {site}/
+COPY __init__.py tasks.py bulk.py heavy.py {site}/
 USER 0
 RUN python -m compileall -q {site}
 USER 10001:10001
 """,
-        files={name: (USERCODE / name).read_text() for name in ("__init__.py", "tasks.py")},
+        files={name: (USERCODE / name).read_text() for name in ("__init__.py", "tasks.py", "bulk.py", "heavy.py")},
     )
     stack.cluster.kind("load", "docker-image", f"fanout-e2e/userwork:{user_tag}", "--name", CLUSTER_NAME)
     return "fanout-e2e/userwork", user_tag
@@ -316,25 +316,23 @@ def worker_status(stack: Stack, pod: str) -> dict[str, Any]:
     return json.loads(r.stdout) if r.returncode == 0 else {}
 
 
-def test_a_pool_of_the_users_own_task_loses_nothing_when_a_busy_pod_is_force_deleted(stack: Stack) -> None:
-    """A chart pool with `tasks:` naming the user's plain Prefect task (in their own image);
-    the user's flow fans out with `.delay()` and waits with `.result()`, exactly as Prefect
-    documents it; a busy pod of that pool is force-deleted mid-run: every item correct,
-    exactly once, and the user's flow sees no error."""
+def test_a_pool_of_the_users_own_code_loses_nothing_when_a_busy_pod_is_force_deleted(stack: Stack) -> None:
+    """A chart pool with `tasks:` naming the user's code (in their own image, which the
+    chart has never seen). Two of the user's flows run at once, each from a Job: one fans
+    out with Prefect's plain `.delay()` and `.result()`, one through our public API
+    (`fanout.fan_out`); a busy pod of the pool is force-deleted mid-run: every item of
+    both correct, exactly once, and neither flow sees an error."""
     repo, tag = user_image(stack)
     stack.helm(
         "upgrade", RELEASE, str(CHART), "-f", str(KIND_VALUES),
         "--set", f"image.repository={repo}", "--set", f"image.tag={tag}",
         "--set", "pools.user.replicas=2", "--set", "pools.user.limit=4",
-        "--set", "pools.user.tasks={userwork.tasks:square}",
+        "--set", "pools.user.tasks={userwork.tasks:square,userwork.bulk:slow_shout}",
         "--wait", "--timeout", f"{int(scaled(900))}s", timeout=960,
     )  # fmt: skip
     eventually(lambda: len(stack.ready_pods("fanout.io/pool=user")) == 2, timeout=300, message="user pool ready")
-    code = (
-        "import json; from userwork.tasks import sync_fanout; "
-        "print('USER-RESULT ' + json.dumps(sync_fanout(40, sleep=8)))"
-    )
-    job = start_job(stack, ["python", "-c", code], image=f"{repo}:{tag}")
+    plain = start_job(stack, user_call("sync_fanout(24, sleep=8)", "userwork.tasks"), image=f"{repo}:{tag}")
+    api = start_job(stack, user_call("slow_shout_all(60, chunk_size=1)", "userwork.bulk"), image=f"{repo}:{tag}")
 
     def busy_pod() -> str | None:
         for pod in stack.ready_pods("fanout.io/pool=user"):
@@ -347,6 +345,26 @@ def test_a_pool_of_the_users_own_task_loses_nothing_when_a_busy_pod_is_force_del
     assert victim
     stack.k("delete", "pod", victim, "--force", "--grace-period=0")
 
+    results = wait_user_job(stack, plain)
+    assert [r["item"] for r in results] == list(range(24)), "every item exactly once, in order"
+    assert all(r["value"] == r["item"] ** 2 for r in results)
+    through_api = wait_user_job(stack, api)
+    assert through_api["failed"] == {}, through_api["failed"]
+    assert [v["word"] for v in through_api["values"]] == [f"W{i}" for i in range(60)]
+    reaper = stack.k("logs", f"deploy/{RELEASE}-reaper", timeout=120).stdout
+    assert "redelivered (delivery 2)" in reaper, "the killed pod's runs were delivered again"
+    # Back to the runtime image and without the user pool for the tests after this one.
+    stack.helm(
+        "upgrade", RELEASE, str(CHART), "-f", str(KIND_VALUES), *stack.image_args(),
+        "--wait", "--timeout", f"{int(scaled(900))}s", timeout=960,
+    )  # fmt: skip
+
+
+def user_call(call: str, module: str) -> list[str]:
+    return ["python", "-c", f"import json; from {module} import *; print('USER-RESULT ' + json.dumps({call}))"]
+
+
+def wait_user_job(stack: Stack, job: str) -> Any:
     def finished() -> bool:
         status = stack.cluster.json("-n", stack.namespace, "get", "job", job).get("status", {})
         return bool(status.get("succeeded") or status.get("failed"))
@@ -355,16 +373,7 @@ def test_a_pool_of_the_users_own_task_loses_nothing_when_a_busy_pod_is_force_del
     logs = stack.k("logs", f"job/{job}", timeout=120).stdout
     lines = [ln for ln in logs.splitlines() if ln.startswith("USER-RESULT ")]
     assert lines, f"the user's flow printed no result:\n{logs[-4000:]}"
-    results = json.loads(lines[-1].removeprefix("USER-RESULT "))
-    assert [r["item"] for r in results] == list(range(40)), "every item exactly once, in order"
-    assert all(r["value"] == r["item"] ** 2 for r in results)
-    reaper = stack.k("logs", f"deploy/{RELEASE}-reaper", timeout=120).stdout
-    assert "redelivered (delivery 2)" in reaper, "the killed pod's runs were delivered again"
-    # Back to the runtime image and without the user pool for the tests after this one.
-    stack.helm(
-        "upgrade", RELEASE, str(CHART), "-f", str(KIND_VALUES), *stack.image_args(),
-        "--wait", "--timeout", f"{int(scaled(900))}s", timeout=960,
-    )  # fmt: skip
+    return json.loads(lines[-1].removeprefix("USER-RESULT "))
 
 
 def start_job(stack: Stack, command: list[str], image: str) -> str:

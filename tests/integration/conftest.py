@@ -2,7 +2,7 @@
 SQLite), `prefect server start`, and task-worker processes on free loopback ports.
 
 One stack per module keeps the tier to minutes; every test drives it through the
-same commands a user runs (`python -m flows.worker`, `python -m flows.fanout`).
+same commands a user runs (`python -m fanout.worker`, `python -m fanout_demo.flow`).
 """
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from flows.local import LocalStack
+from fanout.local import LocalStack
+from fanout_demo.local import DemoStack
 
 DATABASE = os.environ.get("FANOUT_TEST_DATABASE", "auto")
 
@@ -33,7 +34,7 @@ def assert_all_stopped(pids: list[int]) -> None:
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
     """Server + 3 light workers + 1 heavy worker pinned to 2 CPUs."""
     root: Path = tmp_path_factory.mktemp("stack")
-    with LocalStack(root, database=DATABASE, ui=False) as st:
+    with DemoStack(root, database=DATABASE, ui=False) as st:
         for _ in range(3):
             st.start_worker("light", limit=4, wait=False)
         st.start_worker("heavy", limit=1, cpus=2, wait=False)

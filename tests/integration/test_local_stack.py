@@ -13,8 +13,8 @@ from typing import Any
 
 import httpx
 
-from flows import workload
-from flows.local import LocalStack, free_port, wait_until
+from fanout.local import LocalStack, free_port, wait_until
+from fanout_demo import workload
 
 
 def api(stack: LocalStack) -> httpx.Client:
@@ -122,7 +122,7 @@ def test_scheduled_events_as_delay_sends_them_unless_turned_off(stack: LocalStac
     for setting in ("0", "1"):  # off first: once the later run's events are in, its would be too
         out = tmp_path / f"events-{setting}.json"
         proc = subprocess.run(
-            [sys.executable, "-m", "flows.fanout", "--items", "3", "--chunk-size", "1", "--json", str(out)],
+            [sys.executable, "-m", "fanout_demo.flow", "--items", "3", "--chunk-size", "1", "--json", str(out)],
             env=stack.env("submitter", FANOUT_SCHEDULED_EVENTS=setting),
             capture_output=True,
             text=True,
@@ -167,16 +167,20 @@ def test_bad_input_fails_clearly_and_creates_no_task_runs(stack: LocalStack, tmp
     assert task_run_count(stack) == before
 
 
-def test_unknown_pool_is_rejected_by_the_worker(stack: LocalStack) -> None:
-    proc = subprocess.run(
-        [sys.executable, "-m", "flows.worker", "--pool", "gpu"],
-        env=stack.env("bad-worker"),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert proc.returncode != 0
-    assert "unknown pool 'gpu'; known pools: heavy, light" in proc.stderr
+def test_a_worker_told_to_serve_nothing_that_exists_is_rejected(stack: LocalStack) -> None:
+    for tasks, message in [
+        ("fanout_demo.tasks:nope", "cannot load 'fanout_demo.tasks:nope'"),
+        ("", "name at least one task to serve"),
+    ]:
+        proc = subprocess.run(
+            [sys.executable, "-m", "fanout.worker", "--pool", "gpu", "--tasks", tasks],
+            env=stack.env("bad-worker"),
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert proc.returncode == 2, proc.stderr
+        assert message in proc.stderr
 
 
 def test_sigterm_stops_an_idle_worker_cleanly(stack: LocalStack) -> None:
@@ -190,7 +194,7 @@ def test_a_worker_started_before_the_server_waits_for_it(stack: LocalStack) -> N
     """In a cluster a worker pod may start before the server: it waits (probe up, not
     ready) instead of crashing, and still stops cleanly."""
     port, api = free_port(), free_port()
-    argv = [sys.executable, "-m", "flows.worker", "--pool", "light", "--health-port", str(port)]
+    argv = [sys.executable, "-m", "fanout.worker", "--tasks", stack.pools["light"], "--health-port", str(port)]
     w = stack.spawn(
         "worker-early", argv, stack.env("worker-early", PREFECT_API_URL=f"http://127.0.0.1:{api}/api"), port
     )

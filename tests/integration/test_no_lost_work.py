@@ -1,7 +1,7 @@
 """No lost work on the local stack: workers killed, drained, a server restarted.
 
 Each test runs a real parent flow in its own process against a real server, real
-worker processes and the reaper (`python -m flows.reaper`), breaks something while
+worker processes and the reaper (`python -m fanout.reaper`), breaks something while
 items are in flight, and checks that every item still ends with exactly one correct
 result (or, for poison, is reported failed with its reason).
 """
@@ -20,8 +20,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from flows import workload
-from flows.local import LocalStack, Proc, wait_until
+from fanout.local import LocalStack, Proc, wait_until
+from fanout_demo import workload
+from fanout_demo.local import DemoStack
 
 STALE_AFTER = 6.0
 
@@ -29,7 +30,7 @@ STALE_AFTER = 6.0
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
     root: Path = tmp_path_factory.mktemp("nolost")
-    with LocalStack(root, ui=False) as st:
+    with DemoStack(root, ui=False) as st:
         st.start_reaper(interval=1.0, stale_after=STALE_AFTER, max_deliveries=3)
         yield st
 
@@ -46,7 +47,7 @@ def workers(stack: LocalStack) -> Iterator[list[Proc]]:
 def submit(stack: LocalStack, out: Path, *args: str) -> subprocess.Popen[str]:
     log = out.with_suffix(".log").open("w")
     return subprocess.Popen(
-        [sys.executable, "-m", "flows.fanout", *args, "--json", str(out)],
+        [sys.executable, "-m", "fanout_demo.flow", *args, "--json", str(out)],
         env=stack.env("submitter"),
         stdout=log,
         stderr=subprocess.STDOUT,

@@ -1,7 +1,7 @@
 """Prefect's recommended patterns, written by a user, on our stack: nothing hangs.
 
 The user's code is `tests/usercode/userwork` (plain Prefect: no `result_storage=`, no
-import of our package), on PYTHONPATH, served by `python -m flows.worker --tasks ...`
+import of our package), on PYTHONPATH, served by `python -m fanout.worker --tasks ...`
 under the chart's default server settings (the batched task-run recorder), with the
 reaper running. Every flow runs in its own submitter process with a hard timeout: a
 future that never returns fails the test instead of hanging it.
@@ -22,7 +22,8 @@ from typing import Any
 import httpx
 import pytest
 
-from flows.local import LocalStack, Proc, wait_until
+from fanout.local import LocalStack, Proc, wait_until
+from fanout_demo.local import DemoStack
 
 USERCODE = Path(__file__).resolve().parents[1] / "usercode"
 LIGHT_TASKS = "userwork.tasks:square,userwork.tasks:asquare,userwork.tasks:explode"
@@ -34,7 +35,7 @@ FAIL_UNSERVED_AFTER = 20.0
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
     root: Path = tmp_path_factory.mktemp("patterns")
-    with LocalStack(root, ui=False) as st:
+    with DemoStack(root, ui=False) as st:
         st.start_reaper(interval=1.0, stale_after=STALE_AFTER, fail_unserved_after=FAIL_UNSERVED_AFTER)
         yield st
 
@@ -181,9 +182,9 @@ def test_our_fanout_names_a_code_mismatch_within_a_minute(
     """Our own fan-out, submitted with code the light workers do not run: an error naming
     the task and the keys the workers serve, within about a minute, nothing left queued."""
     other = tmp_path / "src"
-    shutil.copytree(Path(__import__("flows").__file__).parent, other / "flows")
-    tasks_py = other / "flows" / "tasks.py"
-    tasks_py.write_text(tasks_py.read_text().replace("Light work: checksum", "Light work (edited): checksum"))
+    shutil.copytree(Path(__import__("fanout_demo").__file__).parent, other / "fanout_demo")
+    tasks_py = other / "fanout_demo" / "tasks.py"
+    tasks_py.write_text(tasks_py.read_text().replace("Light work for one item", "Light work (edited) for one item"))
     workers.append(stack.start_worker("light", limit=2, env={"PYTHONPATH": str(other)}))
     out = tmp_path / "summary.json"
     t0 = time.monotonic()
@@ -193,7 +194,7 @@ def test_our_fanout_names_a_code_mismatch_within_a_minute(
     failed = json.loads(out.read_text())["failed"]
     assert sorted(failed) == ["0", "1", "2", "3"]
     assert all("code differs between the submitter and the workers" in why for why in failed.values()), failed
-    assert "workers serve process_chunk-" in failed["0"]
+    assert "workers serve process_item.chunks-" in failed["0"]
     assert took < 120
     with api(stack) as c:
         left = c.post("/task_runs/filter", json={"flow_runs": {"id": {"any_": [json.loads(out.read_text())[

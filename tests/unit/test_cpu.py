@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from flows.cpu import available_cpus, cgroup_cpu_limit
+from fanout.cpu import available_cpus, cgroup_cpu_limit
 
 
 def write(root: Path, name: str, text: str) -> None:

@@ -1,13 +1,12 @@
-"""Parameter checks, chunking and per-item failure reporting of the parent flow."""
+"""Parameter checks and the report of the demo's parent flow."""
 
 from __future__ import annotations
 
-import pickle
-
 import pytest
 
-from flows.fanout import FanoutSummary, _chunks, auto_chunk_size, format_summary, validate
-from flows.tasks import POOLS, ChunkFailed, pool_tasks
+from fanout.chunks import chunk_key
+from fanout_demo import tasks
+from fanout_demo.flow import FanoutSummary, format_summary, validate
 
 GOOD = dict(items=10, chunk_size=None, fail_items=[], heavy_batches=0, heavy_segments=8, heavy_span=10, timeout=60)
 
@@ -48,38 +47,9 @@ def test_all_problems_reported_at_once() -> None:
     assert "items must" in str(err.value) and "chunk_size must" in str(err.value)
 
 
-def test_chunks_cover_every_item_once() -> None:
-    for items, size in [(1, 1), (10, 3), (200, 2), (1000, auto_chunk_size(1000)), (7, 100)]:
-        chunks = _chunks(items, size)
-        flat = [i for c in chunks for i in c]
-        assert flat == list(range(items))
-        assert max(len(c) for c in chunks) <= size
-
-
-def test_auto_chunk_size_bounds_task_runs() -> None:
-    assert auto_chunk_size(1) == 1
-    assert auto_chunk_size(100) == 1
-    assert auto_chunk_size(101) == 2
-    assert len(_chunks(10_000, auto_chunk_size(10_000))) <= 100
-
-
-def test_chunk_failure_survives_pickling_with_partial_results() -> None:
-    exc = ChunkFailed([{"item": 1}], {2: "ValueError: bad"})
-    back = pickle.loads(pickle.dumps(exc))
-    assert back.results == [{"item": 1}] and back.errors == {2: "ValueError: bad"}
-    assert str(back) == "1 of 2 items failed: item 2: ValueError: bad"
-    assert "item': 1" not in repr(back)  # results stay out of log lines
-
-
-def test_unknown_pool_lists_known_ones() -> None:
-    assert pool_tasks("light") == POOLS["light"]
-    with pytest.raises(ValueError, match="unknown pool 'gpu'; known pools: heavy, light"):
-        pool_tasks("gpu")
-
-
-def test_pools_serve_disjoint_tasks() -> None:
-    keys = {pool: {t.task_key for t in tasks} for pool, tasks in POOLS.items()}
-    assert not keys["light"] & keys["heavy"]
+def test_demo_pools_serve_disjoint_tasks() -> None:
+    assert tasks.POOL_TASKS == {"light": "fanout_demo.tasks:process_item", "heavy": "fanout_demo.tasks:heavy_batch"}
+    assert chunk_key(tasks.process_item) != tasks.heavy_batch.task_key
 
 
 def test_summary_report_shows_workers_failures_and_speedup() -> None:

@@ -1,4 +1,4 @@
-"""Guard tests for `flows.internals`: the private Prefect internals our fixes rely on.
+"""Guard tests for `fanout.internals`: the private Prefect internals our fixes rely on.
 
 When a Prefect upgrade renames or reshapes one of them, these fail first, naming it,
 instead of a fix silently no longer applying (and futures hanging again).
@@ -16,9 +16,9 @@ from prefect.states import Completed
 from prefect.task_runners import ProcessPoolTaskRunner
 from prefect.task_runs import TaskRunWaiter
 
-from flows import internals
-from flows.liveness import task_name, unserved_reason
-from flows.storage import prefect_storage_env
+from fanout import internals
+from fanout.liveness import task_name, unserved_reason
+from fanout.storage import prefect_storage_env
 
 
 def test_task_run_waiter_has_what_the_poll_uses() -> None:
@@ -32,7 +32,7 @@ def test_task_run_waiter_has_what_the_poll_uses() -> None:
         "_loop",
         "_started",
     ):
-        assert hasattr(waiter, attr), f"TaskRunWaiter.{attr} is gone: flows.internals needs updating"
+        assert hasattr(waiter, attr), f"TaskRunWaiter.{attr} is gone: fanout.internals needs updating"
     assert {"start", "stop", "wait_for_task_run", "instance"} <= set(dir(TaskRunWaiter))
 
 
@@ -73,7 +73,7 @@ def test_has_connected_becomes_a_fact_of_the_process() -> None:
 def test_process_pool_runner_internals_the_warm_pool_uses() -> None:
     runner = ProcessPoolTaskRunner(max_workers=2)
     for attr in ("_cached_context", "_cached_env", "_executor", "_max_workers", "_initializer", "_initargs"):
-        assert hasattr(runner, attr), f"ProcessPoolTaskRunner.{attr} is gone: flows.processpool needs updating"
+        assert hasattr(runner, attr), f"ProcessPoolTaskRunner.{attr} is gone: fanout.processpool needs updating"
 
 
 def test_without_settings_drops_only_the_senders_settings() -> None:

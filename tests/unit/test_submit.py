@@ -9,8 +9,11 @@ import prefect.tasks
 import pytest
 from prefect import Task
 
-from flows.submit import PayloadTooLarge, PicklesOnce, _context_serialized_once, check_payloads, submit_many
-from flows.tasks import process_chunk
+from fanout.chunks import chunk_task
+from fanout.submit import PayloadTooLarge, PicklesOnce, _context_serialized_once, check_payloads, submit_many
+from fanout_demo.tasks import process_item
+
+CHUNKS = chunk_task(process_item)
 
 
 def test_prefect_internals_submit_many_patches_still_exist() -> None:
@@ -41,22 +44,22 @@ def test_the_stored_context_is_pickled_once_without_the_senders_settings() -> No
 
 def test_bad_concurrency_is_rejected_before_any_submission() -> None:
     with pytest.raises(ValueError, match="concurrency must be >= 1"):
-        submit_many(process_chunk, [{"start": 0, "stop": 1}], concurrency=0)
+        submit_many(CHUNKS, [{"start": 0, "stop": 1}], concurrency=0)
 
 
 def test_nothing_to_submit_needs_no_server() -> None:
-    assert submit_many(process_chunk, []) == []
+    assert submit_many(CHUNKS, []) == []
 
 
 def test_an_oversized_call_refuses_the_whole_batch_naming_the_call() -> None:
     calls = [{"start": 0, "stop": 1}, {"start": 1, "stop": 2, "fail_items": list(range(50_000))}]
     with pytest.raises(PayloadTooLarge, match=r"call #1 are [\d,]+ bytes, over the 100,000-byte limit"):
-        check_payloads(process_chunk, calls, limit=100_000)
-    check_payloads(process_chunk, calls[:1], limit=100_000)  # small ones pass
+        check_payloads(CHUNKS, calls, limit=100_000)
+    check_payloads(CHUNKS, calls[:1], limit=100_000)  # small ones pass
 
 
 def test_process_pool_runner_internals_the_warm_pool_relies_on() -> None:
-    # flows.tasks keeps one started ProcessPoolTaskRunner per process and refreshes its
+    # fanout_demo.tasks keeps one started ProcessPoolTaskRunner per process and refreshes its
     # cached run context per batch; a Prefect upgrade that renames these must fail here.
     from prefect.task_runners import ProcessPoolTaskRunner
 

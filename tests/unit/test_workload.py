@@ -7,7 +7,7 @@ import itertools
 
 import pytest
 
-from flows import workload
+from fanout_demo import workload
 
 
 def test_count_primes_known_values() -> None:
@@ -52,7 +52,7 @@ def test_every_work_function_names_its_item() -> None:
 
 
 def test_segments_are_dealt_into_balanced_groups_without_losing_any() -> None:
-    from flows.tasks import GROUPS_PER_PROCESS, group_segments
+    from fanout_demo.tasks import GROUPS_PER_PROCESS, group_segments
 
     parts = workload.batch_segments(0, 203, 10)
     groups = group_segments(parts, 2)

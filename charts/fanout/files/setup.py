@@ -7,7 +7,7 @@
    selector and tolerations as job variables) and the chart's defaults for the job
    variables (image, namespace, cpu/memory requests and limits, ...).
 3. storage.type s3: save the `s3-bucket` block that FANOUT_STORAGE names.
-4. Register the `crunch` deployment on the pool (`python -m flows.deploy`).
+4. Register the `crunch` deployment on the pool (`python -m fanout_demo.deploy`).
 
 Everything it needs comes from one JSON file rendered by Helm (FANOUT_SETUP_CONFIG).
 Idempotent: every step overwrites what a previous run created.
@@ -141,7 +141,7 @@ def main() -> None:
     run(
         sys.executable,
         "-m",
-        "flows.deploy",
+        "fanout_demo.deploy",
         "--work-pool",
         cfg["workPool"],
         "--image",

@@ -99,7 +99,7 @@ one auth.yaml generates. */}}
 {{- end }}
 
 {{/* Environment of every pod that submits or runs fanned-out tasks. Our Prefect plugin
-(flows.plugin) points Prefect's default storage at FANOUT_STORAGE, so that a plain @task
+(fanout.plugin) points Prefect's default storage at FANOUT_STORAGE, so that a plain @task
 needs no storage argument, and makes futures never wait forever; the runtime image turns
 it on too, this keeps it on in an image of the user's own. */}}
 {{- define "fanout.clientEnv" -}}

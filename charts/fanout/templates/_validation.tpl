@@ -47,13 +47,13 @@ Fail fast with a message naming the value, for what values.schema.json cannot ex
 {{- end }}
 {{- end }}
 
-{{- $known := list "replicas" "limit" "tasks" "resources" "nodeSelector" "tolerations" "affinity" "terminationGracePeriodSeconds" "podDisruptionBudget" "extraEnv" }}
+{{- $known := list "replicas" "limit" "tasks" "warmProcessPool" "resources" "nodeSelector" "tolerations" "affinity" "terminationGracePeriodSeconds" "podDisruptionBudget" "extraEnv" }}
 {{- range $pool, $spec := .Values.pools }}
 {{- if not (regexMatch "^[a-z]([a-z0-9-]{0,28}[a-z0-9])?$" $pool) }}
 {{- fail (printf "pools.%s: a pool name must be a lowercase DNS label of at most 30 characters (it becomes part of resource names and FANOUT_POOL)" $pool) }}
 {{- end }}
-{{- if and (not (has $pool $.Values.imagePools)) (not (and $spec $spec.tasks)) }}
-{{- fail (printf "pools.%s: unknown pool; the image serves %s (imagePools). Set pools.%s.tasks to the module:task references it should serve, or add it to imagePools if your image defines it" $pool (join ", " $.Values.imagePools) $pool) }}
+{{- if and $spec (not $spec.tasks) }}
+{{- fail (printf "pools.%s.tasks is required: the module:attribute references its workers serve, e.g. [myproject.tasks:resize]" $pool) }}
 {{- end }}
 {{- if $spec }}
 {{- range $key, $_ := $spec }}

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from prefect import flow, task
 
-from flows.processpool import WarmProcessPoolTaskRunner
+from fanout.processpool import WarmProcessPoolTaskRunner
 from userwork.tasks import cpu_item
 
 

@@ -1,10 +1,9 @@
-"""The parent flow: fan items out to task workers with `.delay()` and gather them.
+"""The demo's parent flow, built on the public fan-out API: `python -m fanout_demo.flow`.
 
-Accounting is per item: every item submitted ends up either with exactly one result or
-in `failed` with its reason (the item raised, its task run failed or crashed, its
-submission failed, or the wait timed out). Waiting polls task-run states from the API
-instead of trusting a websocket per future (see the notes: `result_async()` can miss a
-completion), which also gives the progress display for free.
+Light items go through `fanout.fan_out(process_item, ...)` (chunked, every item
+accounted for); heavy batches through a plain `heavy_batch.delay()` to the heavy pool,
+or as the `crunch` deployment in pods of N CPUs. It reports items per worker process
+and, for heavy batches, the process pool's speed-up.
 """
 
 from __future__ import annotations
@@ -26,35 +25,14 @@ from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, TaskR
 from prefect.client.schemas.objects import FlowRun, TaskRun
 from prefect.deployments import run_deployment
 from prefect.runtime import flow_run
-from prefect.states import Failed
-from prefect.variables import Variable
 
-from flows import workload
-from flows.liveness import read_heartbeats, recovered_name, unserved_reason
-from flows.submit import check_payloads, submit_many
-from flows.tasks import ChunkFailed, heavy_batch, process_chunk
+from fanout.api import MAX_ITEMS, MAX_TASK_RUNS, fan_out
+from fanout_demo import workload
+from fanout_demo.tasks import heavy_batch, process_item
 
-MAX_AUTO_TASK_RUNS = 100
-CRUNCH_DEPLOYMENT = "crunch/crunch"  # registered by `python -m flows.deploy`
+CRUNCH_DEPLOYMENT = "crunch/crunch"  # registered by `python -m fanout_demo.deploy`
 POLL_PAGE = 200  # the API's default page size
-# Upper bounds: one fan-out of more than this is a mistake (a typo'd count) or needs
-# splitting; either way it must fail before it floods the server, not halfway through.
-MAX_ITEMS = 10_000_000
-MAX_TASK_RUNS = 100_000
 MAX_HEAVY_BATCHES = 10_000
-# A fan-out whose task no live worker serves is told so after this long: an error when
-# workers serve the same task with other code (the task key embeds a hash of it), a
-# warning when no worker serves it at all (a pool may be scaling up from zero).
-UNSERVED_PATIENCE = 60.0
-
-
-def auto_chunk_size(items: int) -> int:
-    """Items per task run when none is given: at most MAX_AUTO_TASK_RUNS task runs.
-
-    A task run costs a few hundred ms of Prefect overhead in total; a light item a few
-    ms. Chunking keeps overhead small while leaving enough runs to spread over workers.
-    """
-    return max(1, math.ceil(items / MAX_AUTO_TASK_RUNS))
 
 
 def validate(
@@ -133,10 +111,6 @@ class FanoutSummary:
         return self.items / self.seconds if self.seconds else 0.0
 
 
-def _chunks(items: int, size: int) -> list[range]:
-    return [range(s, min(s + size, items)) for s in range(0, items, size)]
-
-
 def _poll(client: Any, ids: list[UUID], flow_runs: bool) -> list[TaskRun] | list[FlowRun]:
     runs: list[Any] = []
     for i in range(0, len(ids), POLL_PAGE):
@@ -163,25 +137,12 @@ def _value(state: Any) -> Any:
         return exc
 
 
-def served_keys(client: Any) -> set[str]:
-    """Task keys that workers with a heartbeat (live, or late but not expired) serve."""
-    return {k for hb in read_heartbeats(client).values() for k in hb.task_keys}
-
-
-def wait_for_runs(
-    weights: dict[UUID, int],
-    deadline: float,
-    label: str,
-    flow_runs: bool = False,
-    task_key: str | None = None,
-) -> Waited:
+def wait_for_runs(weights: dict[UUID, int], deadline: float, label: str, flow_runs: bool = False) -> Waited:
     """Wait until every task run (or flow run) in `weights` (run id -> items it
     carries) is final or the deadline passes; logs progress every few seconds.
 
     The server may be away for a while (restart, rollout): polling errors are logged
-    and polling goes on until the deadline. With `task_key`, runs still Scheduled after
-    UNSERVED_PATIENCE seconds while live workers serve that task only with other code
-    are failed with that reason, instead of waiting for the deadline.
+    and polling goes on until the deadline.
     """
     logger = get_run_logger()
     out = Waited()
@@ -190,13 +151,8 @@ def wait_for_runs(
     last_log = 0.0
     interval = 0.2
     last: dict[UUID, str] = {}
-    started = time.monotonic()
-    unserved_checked = False
     with get_client(sync_client=True) as client:
         while waiting:
-            if task_key and not unserved_checked and time.monotonic() - started > UNSERVED_PATIENCE:
-                unserved_checked = True
-                waiting -= _fail_if_unserved(client, task_key, waiting, out, logger)
             states: Counter[str] = Counter()
             try:
                 runs = _poll(client, list(waiting), flow_runs)
@@ -226,44 +182,6 @@ def wait_for_runs(
             time.sleep(interval)
             interval = min(1.0, interval * 1.5)
     return out
-
-
-def _fail_if_unserved(client: Any, task_key: str, waiting: set[UUID], out: Waited, logger: Any) -> set[UUID]:
-    """Fail the still-Scheduled runs of `waiting` if no live worker serves `task_key`
-    but some serve the same task with other code; returns the runs failed."""
-    try:
-        reason = unserved_reason(task_key, served_keys(client))
-        if reason is None:
-            return set()
-        scheduled = [r for r in _poll(client, list(waiting), False) if r.state is not None and r.state.is_scheduled()]
-    except Exception as exc:  # noqa: BLE001 - the reaper reports it too; keep waiting
-        logger.warning("cannot check which workers serve %s: %s", task_key, exc)
-        return set()
-    if "code differs" not in reason:
-        logger.warning("%d runs still wait: %s", len(scheduled), reason)
-        return set()
-    logger.error("%d runs will never run: %s", len(scheduled), reason)
-    failed = set()
-    for run in scheduled:
-        try:
-            client.set_task_run_state(run.id, Failed(message=f"not run: {reason}"), force=True)
-        except Exception as exc:  # noqa: BLE001 - reported either way
-            logger.warning("could not mark %s failed: %s", run.id, exc)
-        out.unfinished[run.id] = f"not run: {reason}"
-        failed.add(run.id)
-    return failed
-
-
-def recovered_runs(flow_run_id: str) -> int:
-    """How many of this flow run's task runs the reaper scheduled again (flows.reaper)."""
-    try:
-        name = recovered_name(flow_run_id)
-        count = int(Variable.get(name, default=0))
-        if count:
-            Variable.unset(name)
-        return count
-    except Exception:  # noqa: BLE001 - a statistic; never fail the flow for it
-        return -1
 
 
 @flow(name="fanout")
@@ -304,24 +222,9 @@ def fanout(
     )
     logger = get_run_logger()
     t0 = time.monotonic()
-    size = chunk_size or auto_chunk_size(items)
-    summary = FanoutSummary(items=items, chunk_size=size, task_runs=0, flow_run_id=str(flow_run.id))
+    summary = FanoutSummary(items=items, chunk_size=0, task_runs=0, flow_run_id=str(flow_run.id))
     fail = set(fail_items)
     crash = set(crash_items or ())
-
-    ranges = list(_chunks(items, size))
-    calls = [
-        {
-            "start": rng.start,
-            "stop": rng.stop,
-            "fail_items": [i for i in rng if i in fail] or None,
-            "sleep_s": item_sleep,
-            "crash_items": [i for i in rng if i in crash] or None,
-            "work": work,
-        }
-        for rng in ranges
-    ]
-    check_payloads(process_chunk, calls)  # all or nothing: before the first run exists
 
     heavy: dict[UUID, int] = {}
     heavy_unsubmitted: dict[int, str] = {}
@@ -345,33 +248,17 @@ def fanout(
         except Exception as exc:  # noqa: BLE001 - reported, not lost
             heavy_unsubmitted[b] = f"submission failed: {exc}"
 
-    pending: dict[UUID, range] = {}  # task run -> the items it carries
-    for rng, created in zip(ranges, submit_many(process_chunk, calls), strict=True):
-        if isinstance(created, Exception):  # reported, not lost
-            summary.failed.update({i: f"submission failed: {created}" for i in rng})
-        else:
-            pending[created] = rng
-    summary.task_runs = len(pending) + len(heavy)
-    summary.submit_seconds = time.monotonic() - t0
-    logger.info(
-        "submitted %d items in %d task runs of up to %d (%.1fs)", items, len(pending), size, time.monotonic() - t0
-    )
-
-    deadline = time.monotonic() + timeout
-    waited = wait_for_runs(
-        {r: len(rng) for r, rng in pending.items()}, deadline, "items", task_key=process_chunk.task_key
-    )
-    for run_id, rng in pending.items():
-        value = waited.values.get(run_id)
-        if run_id in waited.unfinished:
-            summary.failed.update({i: waited.unfinished[run_id] for i in rng})
-        elif isinstance(value, ChunkFailed):
-            summary.results += value.results
-            summary.failed.update(value.errors)
-        elif isinstance(value, BaseException):
-            summary.failed.update({i: f"task run failed: {type(value).__name__}: {value}" for i in rng})
-        else:
-            summary.results += value
+    specs = [
+        {"item": i, "work": work, "sleep": item_sleep, "fail": i in fail, "crash": i in crash} for i in range(items)
+    ]
+    light = fan_out(process_item, specs, chunk_size=chunk_size, timeout=timeout, progress=False)
+    summary.results = [o.value for o in light.outcomes if o.ok]
+    summary.failed = light.failed
+    summary.chunk_size = light.chunk_size
+    summary.task_runs = light.task_runs + len(heavy)
+    summary.submit_seconds = light.submit_seconds
+    summary.redelivered = light.redelivered
+    deadline = t0 + timeout
 
     if heavy:
         hwaited = wait_for_runs(dict.fromkeys(heavy, 1), deadline, "heavy batches", flow_runs=bool(heavy_cpus))
@@ -383,7 +270,6 @@ def fanout(
                 summary.heavy.append(value)
     summary.heavy_failed.update(heavy_unsubmitted)
 
-    summary.redelivered = recovered_runs(str(flow_run.id))
     summary.results.sort(key=lambda r: r["item"])
     summary.per_worker = dict(Counter(r["worker"] for r in summary.results))
     summary.seconds = time.monotonic() - t0
@@ -426,7 +312,7 @@ def format_summary(s: FanoutSummary) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m flows.fanout", description="Run the fan-out flow and report.")
+    p = argparse.ArgumentParser(prog="python -m fanout_demo.flow", description="Run the fan-out flow and report.")
     p.add_argument("--items", type=int, default=1000, help="light items to fan out")
     p.add_argument("--chunk-size", type=int, default=None, help="items per task run (default: automatic)")
     p.add_argument("--fail-items", default="", help="comma-separated item ids that raise (error-path demo)")

@@ -3,7 +3,7 @@
 This module reaches into Prefect's private internals, on purpose and only here (its
 guard tests are `tests/unit/test_internals.py`): a Prefect upgrade that changes them
 fails those tests instead of silently bringing a hang back. `install()` is idempotent;
-it runs from our Prefect plugin (`flows.plugin`, at `import prefect` when
+it runs from our Prefect plugin (`fanout.plugin`, at `import prefect` when
 `PREFECT_PLUGINS_ENABLED=true`, as in our image, chart and local stack) and when our
 worker starts. What it fixes, each measured on prefect 3.8.8:
 
@@ -30,12 +30,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import threading
 import uuid
 from typing import Any
 
-log = logging.getLogger("flows.internals")
+log = logging.getLogger("fanout.internals")
 
 _INSTALLED = threading.Event()
 _CONNECTED = threading.Event()  # some client of this process has reached the API
@@ -44,10 +43,9 @@ POLL_PAGE = 200
 
 def poll_seconds() -> float:
     """Seconds between the waiter's state polls (`FANOUT_WAIT_POLL_SECONDS`, default 2)."""
-    try:
-        return max(0.2, float(os.environ.get("FANOUT_WAIT_POLL_SECONDS", "2")))
-    except ValueError:
-        return 2.0
+    from fanout.settings import wait_poll_seconds
+
+    return wait_poll_seconds()
 
 
 def install() -> None:
@@ -68,6 +66,20 @@ def without_settings(context: dict[str, Any]) -> dict[str, Any]:
     is the one that applies (a worker's pod, a pool process started by this one).
     """
     return {k: v for k, v in context.items() if k != "settings_context"}
+
+
+def task_key_of(fn: Any) -> str:
+    """Prefect's task key of a task or plain function: `<name>-<hash of its code>`."""
+    from prefect import Task
+    from prefect.tasks import _generate_task_key
+
+    return fn.task_key if isinstance(fn, Task) else _generate_task_key(fn)
+
+
+def set_task_key(task: Any, key: str) -> None:
+    """Give a task the key workers subscribe to (Prefect derives it from the function,
+    which for our generated chunk tasks is the same code for every user function)."""
+    task.task_key = key
 
 
 # -- 1. futures that wait forever -----------------------------------------------------

@@ -1,8 +1,9 @@
-"""The fanned-out tasks, the CPU-heavy subflow, and which worker pool serves what.
+"""The demo's work: a light per-item function, a CPU-heavy subflow, and its pools.
 
 Task workers subscribe by task key (`<qualname>-<hash of the code>`), so routing work
-to a pool is routing task keys: the light pool serves `process_chunk` only, the heavy
-pool `heavy_batch` only, and a light worker never even hears of a heavy run.
+to a pool is routing task keys: the light pool serves `process_item` (chunks of it, via
+`fanout.fan_out`), the heavy pool `heavy_batch`, and a light worker never even hears of
+a heavy run.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Callable
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
@@ -19,13 +19,13 @@ from prefect import Task, flow, task
 from prefect.client.schemas.objects import State, TaskRun
 from prefect.context import serialize_context
 
-from flows import workload
-from flows.cpu import available_cpus
-from flows.internals import without_settings
-from flows.processpool import discard_pool, process_pool, warm_process_pool
-from flows.storage import result_storage
+from fanout.cpu import available_cpus
+from fanout.internals import without_settings
+from fanout.processpool import discard_pool, process_pool
+from fanout.storage import result_storage
+from fanout_demo import workload
 
-log = logging.getLogger("flows.worker")
+log = logging.getLogger("fanout.worker")
 
 
 def worker_id() -> str:
@@ -42,71 +42,23 @@ def _log_finished(tsk: Task[..., Any], run: TaskRun, state: State) -> None:
     log.info("%s %s%s%s", run.name, state.name, took, reason)
 
 
-class ChunkFailed(Exception):
-    """Some items of a chunk raised; carries the results of the others.
+def process_item(spec: dict[str, Any]) -> dict[str, Any]:
+    """Light work for one item, a plain function fanned out with `fanout.fan_out`.
 
-    Raising (rather than returning the errors) marks the task run Failed where users
-    look (UI, API), while the parent still gets every good result of the chunk.
+    `spec` is `{"item": i, "work": name, "sleep": s, "fail": bool, "crash": bool}`:
+    `work` names the per-item function (fanout_demo.workload.WORK), `sleep` adds
+    per-item latency (standing in for I/O); `fail` raises and `crash` kills the worker
+    process outright (like the OOM killer), to exercise error handling and recovery.
     """
-
-    def __init__(self, results: list[dict[str, Any]], errors: dict[int, str]) -> None:
-        super().__init__(results, errors)
-        self.results = results
-        self.errors = errors
-
-    def __repr__(self) -> str:  # Prefect logs repr(exc): keep the results out of it
-        return f"ChunkFailed({str(self)!r})"
-
-    def __str__(self) -> str:
-        shown = "; ".join(f"item {i}: {e}" for i, e in list(self.errors.items())[:5])
-        more = f" (+{len(self.errors) - 5} more)" if len(self.errors) > 5 else ""
-        return f"{len(self.errors)} of {len(self.errors) + len(self.results)} items failed: {shown}{more}"
-
-
-@task(
-    name="process_chunk",
-    task_run_name="items-{start}-{stop}",
-    result_storage=result_storage(),
-    on_completion=[_log_finished],
-    on_failure=[_log_finished],
-)
-def process_chunk(
-    start: int,
-    stop: int,
-    fail_items: list[int] | None = None,
-    sleep_s: float = 0.0,
-    crash_items: list[int] | None = None,
-    work: str = "checksum",
-) -> list[dict[str, Any]]:
-    """Light work: checksum items start..stop-1, each independently.
-
-    One bad item must not sink its neighbours: every item is tried, and if any raised
-    the run fails with ChunkFailed holding the others' results. `work` names the
-    per-item function (flows.workload.WORK). `sleep_s` adds per-item
-    latency (standing in for I/O); `fail_items` raise and `crash_items` kill the worker
-    process outright (like the OOM killer) to exercise error handling and recovery.
-    """
-    me = worker_id()
-    fn = workload.WORK[work]
-    fail = set(fail_items or ())
-    crash = set(crash_items or ())
-    results: list[dict[str, Any]] = []
-    errors: dict[int, str] = {}
-    for item in range(start, stop):
-        if item in crash:
-            log.error("item %d: killing this worker process (crash_items)", item)
-            os._exit(137)
-        try:
-            if sleep_s:
-                time.sleep(sleep_s)
-            if item in fail:
-                raise workload.InjectedFailure(f"injected failure for item {item}")
-            results.append({**fn(item), "worker": me})
-        except Exception as exc:  # noqa: BLE001 - reported per item to the parent
-            errors[item] = f"{type(exc).__name__}: {exc}"
-    if errors:
-        raise ChunkFailed(results, errors)
-    return results
+    item = spec["item"]
+    if spec.get("crash"):
+        log.error("item %d: killing this worker process (crash_items)", item)
+        os._exit(137)
+    if spec.get("sleep"):
+        time.sleep(spec["sleep"])
+    if spec.get("fail"):
+        raise workload.InjectedFailure(f"injected failure for item {item}")
+    return {**workload.WORK[spec.get("work", "checksum")](item), "worker": worker_id()}
 
 
 @task(name="count_segments")
@@ -193,18 +145,11 @@ def heavy_batch(batch: int, segments: int, span: int, compare_serial: bool = Fal
     return result
 
 
-POOLS: dict[str, list[Task[..., Any]]] = {
-    "light": [process_chunk],
-    "heavy": [heavy_batch],
+# The demo's pools: what their workers serve (`python -m fanout.worker --tasks ...`), and
+# their environment. The chart's `pools` values and the local stack use the same.
+POOL_TASKS: dict[str, str] = {
+    "light": "fanout_demo.tasks:process_item",
+    "heavy": "fanout_demo.tasks:heavy_batch",
 }
-
-# What a worker of a pool does once at start, in the background (others: warm_engine).
-POOL_WARMUP: dict[str, Callable[[], object]] = {"heavy": warm_process_pool}
-
-
-def pool_tasks(pool: str) -> list[Task[..., Any]]:
-    """The tasks a worker of `pool` serves; a clear error for an unknown pool."""
-    try:
-        return POOLS[pool]
-    except KeyError:
-        raise ValueError(f"unknown pool {pool!r}; known pools: {', '.join(sorted(POOLS))}") from None
+# A heavy worker starts its kept process pool at start, not at its first batch.
+POOL_ENV: dict[str, dict[str, str]] = {"heavy": {"FANOUT_WARM_PROCESS_POOL": "auto"}}

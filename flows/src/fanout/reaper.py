@@ -3,7 +3,7 @@
 Stock Prefect delivers a background task run at most once: a worker that dies (OOM,
 eviction, `kubectl delete pod --force`, node loss) leaves its runs Pending/Running for
 good, and a server restart forgets every run still in its in-memory queue. The reaper
-sweeps every few seconds and fixes both, using the workers' heartbeats (flows.liveness):
+sweeps every few seconds and fixes both, using the workers' heartbeats (fanout.liveness):
 
 - orphaned: a run of our task keys is Pending/Running, no live worker lists it, and its
   state is older than `stale_after`  ->  scheduled again (state "Redelivered"), so a live
@@ -30,7 +30,7 @@ Both transitions keep the run's parameters (`task_parameters_id`) so the new wor
 reads the same inputs. Prefect's own rule against PENDING -> PENDING makes a second
 delivery of a run already picked up abort instead of running twice.
 
-Run it as `python -m flows.reaper` (one replica is enough; two are harmless).
+Run it as `python -m fanout.reaper` (one replica is enough; two are harmless).
 """
 
 from __future__ import annotations
@@ -50,9 +50,10 @@ from prefect.client.schemas.objects import StateType, TaskRun
 from prefect.states import Failed, Scheduled
 from prefect.variables import Variable
 
-from flows.liveness import Heartbeat, read_heartbeats, recovered_name, task_name, unserved_reason
+from fanout import settings
+from fanout.liveness import Heartbeat, fanout_tags, ledger_name, read_heartbeats, task_name, unserved_reason
 
-log = logging.getLogger("flows.reaper")
+log = logging.getLogger("fanout.reaper")
 PAGE = 200
 
 
@@ -74,9 +75,9 @@ class Reaper:
         self,
         client: SyncPrefectClient,
         task_keys: Iterable[str] = (),
-        stale_after: float = 30.0,
-        max_deliveries: int = 3,
-        fail_unserved_after: float = 600.0,
+        stale_after: float = settings.STALE_AFTER,
+        max_deliveries: int = settings.MAX_DELIVERIES,
+        fail_unserved_after: float = settings.FAIL_UNSERVED_AFTER,
     ) -> None:
         if stale_after <= 0 or max_deliveries < 1 or fail_unserved_after < 0:
             raise ValueError("stale_after must be > 0, max_deliveries >= 1 and fail_unserved_after >= 0")
@@ -133,8 +134,8 @@ class Reaper:
         )
         if self.client.set_task_run_state(run.id, state, force=True).status.value == "ACCEPT":
             (out.redelivered if name == "Redelivered" else out.requeued).append(str(run.id))
-            if run.flow_run_id:
-                ledger = recovered_name(run.flow_run_id)
+            for tag in fanout_tags(run.tags):  # counted for the fan-out that waits on it
+                ledger = ledger_name(tag)
                 Variable.set(ledger, int(Variable.get(ledger, default=0)) + 1, overwrite=True)
             log.info("%s %s: %s; %s (delivery %d)", run.name, run.id, why, name.lower(), deliveries + 1)
 
@@ -202,14 +203,19 @@ class Reaper:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m flows.reaper", description=__doc__.split("\n")[0])
-    p.add_argument("--interval", type=float, default=10.0, help="seconds between sweeps")
-    p.add_argument("--stale-after", type=float, default=30.0, help="heartbeat age that counts as dead")
-    p.add_argument("--max-deliveries", type=int, default=3, help="deliveries before a run is failed as poison")
+    p = argparse.ArgumentParser(prog="python -m fanout.reaper", description=__doc__.split("\n")[0])
+    p.add_argument("--interval", type=float, default=settings.REAPER_INTERVAL, help="seconds between sweeps")
+    p.add_argument("--stale-after", type=float, default=settings.STALE_AFTER, help="heartbeat age that counts as dead")
+    p.add_argument(
+        "--max-deliveries",
+        type=int,
+        default=settings.MAX_DELIVERIES,
+        help="deliveries before a run is failed as poison",
+    )
     p.add_argument(
         "--fail-unserved-after",
         type=float,
-        default=600.0,
+        default=settings.FAIL_UNSERVED_AFTER,
         help="seconds after which a run no live worker serves is failed with the reason (0: only report)",
     )
     args = p.parse_args(argv)

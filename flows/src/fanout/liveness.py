@@ -21,7 +21,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-log = logging.getLogger("flows.liveness")
+log = logging.getLogger("fanout.liveness")
 PAGE = 200
 
 PREFIX = "fanout-worker-"
@@ -33,9 +33,14 @@ def variable_name(client_id: str) -> str:
     return PREFIX + re.sub(r"[^a-z0-9_-]", "-", client_id.lower())[:200]
 
 
-def recovered_name(flow_run_id: object) -> str:
-    """The reaper counts the runs it scheduled again per parent flow run here."""
-    return f"{RECOVERED_PREFIX}{flow_run_id}"
+def ledger_name(tag: str) -> str:
+    """The reaper counts the runs of one fan-out (tagged `fanout-<id>`) it scheduled again here."""
+    return f"{RECOVERED_PREFIX}{tag.removeprefix('fanout-')}"
+
+
+def fanout_tags(tags: Iterable[str]) -> list[str]:
+    """The fan-out tags (`fanout-<id>`) among a task run's tags."""
+    return [t for t in tags if t.startswith("fanout-")]
 
 
 @dataclass(frozen=True)
@@ -125,5 +130,5 @@ def unserved_reason(task_key: str, served: Iterable[str]) -> str | None:
     shown = ", ".join(sorted(served)[:10]) or "nothing (no live worker)"
     return (
         f"no live task worker serves task {name!r} (key {task_key}); live workers serve: {shown}. "
-        f"Start workers for it (python -m flows.worker --tasks module:{name}, or a chart pool's tasks)"
+        f"Start workers for it (python -m fanout.worker --tasks module:{name}, or a chart pool's tasks)"
     )

@@ -6,8 +6,8 @@ local stack set. So a user's plain Prefect code (a `@task` with no storage argum
 `.delay()`, `.result()`), run in any process started from our image, gets:
 
 - Prefect's default storage settings pointed at our shared storage (`FANOUT_STORAGE`,
-  see `flows.storage.prefect_storage_env`), unless the process sets them itself;
-- the client-side fixes of `flows.internals` (futures that never wait forever, a
+  see `fanout.storage.prefect_storage_env`), unless the process sets them itself;
+- the client-side fixes of `fanout.internals` (futures that never wait forever, a
   `.delay()` that rides out a server restart).
 """
 
@@ -28,8 +28,8 @@ def setup_environment(*, ctx: HookContext) -> None:
     Prefect logs every applied result at INFO, a line in every process's output.
     Prefect refreshes its settings from the environment after the hooks have run.
     """
-    from flows import internals
-    from flows.storage import prefect_storage_env
+    from fanout import internals
+    from fanout.storage import prefect_storage_env
 
     internals.install()
     for name, value in prefect_storage_env().items():

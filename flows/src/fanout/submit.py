@@ -37,12 +37,13 @@ from prefect.context import AsyncClientContext, serialize_context
 from prefect.results import aresolve_result_storage
 from prefect.utilities.engine import emit_task_run_state_change_event
 
-from flows.internals import without_settings
+from fanout import settings
+from fanout.internals import without_settings
 
 # Parameters of one task run larger than this are refused before anything is submitted:
 # they go through shared storage and the worker's memory once per run, and a fan-out item
 # that big belongs in storage, passed by reference.
-MAX_PARAMETER_BYTES = int(os.environ.get("FANOUT_MAX_PARAMETER_BYTES", 1 << 20))
+MAX_PARAMETER_BYTES = settings.max_parameter_bytes()
 
 
 def scheduled_events() -> bool:
@@ -96,7 +97,7 @@ def _context_serialized_once() -> Iterator[None]:
     """Serialise the caller's run context once and hand that copy to every create_run.
 
     Without the submitter's settings: our worker drops them anyway and runs with its own
-    (see `flows.tasks.without_settings`), so they would be pickled and stored for nothing.
+    (see `fanout_demo.tasks.without_settings`), so they would be pickled and stored for nothing.
     """
     frozen = PicklesOnce(without_settings(serialize_context()))
     with _PATCH_LOCK:

@@ -14,11 +14,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from flows.local import LocalStack
+from fanout_demo.local import DemoStack
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m flows.demo", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m fanout_demo.demo", description=__doc__.split("\n")[0])
     p.add_argument("--items", type=int, default=2000)
     p.add_argument("--light-workers", type=int, default=2)
     p.add_argument("--heavy-batches", type=int, default=1)
@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> None:
 
     root = args.dir or Path(tempfile.mkdtemp(prefix="fanout-demo-"))
     t0 = time.monotonic()
-    with LocalStack(root, database=args.database) as stack:
+    with DemoStack(root, database=args.database) as stack:
         print(
             f"server: {stack.api_url} (UI at {stack.api_url.removesuffix('/api')}), database: "
             f"{stack.db_url.split(':')[0]} ({time.monotonic() - t0:.1f}s)",

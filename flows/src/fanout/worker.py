@@ -1,9 +1,10 @@
-"""Task-worker entry point: `python -m flows.worker --pool light`.
+"""Task-worker entry point: `python -m fanout.worker --tasks mymodule:resize,...`.
 
-Serves exactly the tasks of one pool (see `flows.tasks.POOLS`, or `--tasks
-module:task,...` for your own) with a concurrency limit, logs one line per task run,
-and answers Kubernetes probes on `/healthz` (alive and subscribed) and `/status`
-(JSON) at a configurable address.
+Serves exactly the tasks named (`module:attribute`: a Prefect task, which it serves for
+plain `.delay()` and for `fanout.fan_out`, or a plain function, for `fanout.fan_out`)
+with a concurrency limit, and answers Kubernetes probes on `/healthz` (alive and
+subscribed) and `/status` (JSON) at a configurable address. `--pool` only names the pool
+in logs and heartbeats.
 
 It differs from Prefect's stock `TaskWorker` in one deliberate way: it takes a slot
 *before* it reads the next run from the server, and acks only then. Prefect's worker
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import importlib
 import json
 import logging
@@ -43,19 +45,20 @@ from prefect.settings import get_current_settings
 from prefect.task_worker import TaskWorker
 from prefect.variables import Variable
 
-from flows import internals
-from flows.internals import without_settings
-from flows.liveness import Heartbeat, variable_name
-from flows.processpool import close_process_pools, warm_engine
-from flows.tasks import POOL_WARMUP, POOLS, pool_tasks
+from fanout import internals, settings
+from fanout.chunks import chunk_task
+from fanout.cpu import available_cpus
+from fanout.internals import set_task_key, without_settings
+from fanout.liveness import Heartbeat, variable_name
+from fanout.processpool import close_process_pools, warm_engine, warm_process_pool
 
-log = logging.getLogger("flows.worker")
+log = logging.getLogger("fanout.worker")
 
 
 class RunThreads(ThreadPoolExecutor):
     """The threads a worker runs its task runs in; each run uses this worker's own
     Prefect settings (its pod's API URL, storage), not the copy the submitter sent along
-    in the run's context (see `flows.tasks.without_settings`)."""
+    in the run's context (see `fanout_demo.tasks.without_settings`)."""
 
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
         context = kwargs.get("context")
@@ -74,6 +77,11 @@ class FanoutWorker(TaskWorker):
         if limit < 1:
             raise ValueError(f"limit must be >= 1, got {limit}")
         super().__init__(*tasks, limit=limit)
+        # TaskWorker keeps `with_options` copies of the tasks, which recompute their task
+        # keys from the function: our chunk tasks (fanout.chunks) carry their own key, so
+        # give each copy back the key of the task it was made from.
+        for copy_, task in zip(self.tasks, tasks, strict=True):
+            set_task_key(copy_, task.task_key)
         self._executor = RunThreads(max_workers=limit)
         self.pool = pool
         self.connected = False
@@ -160,7 +168,7 @@ class FanoutWorker(TaskWorker):
         return {str(run) for runs in self.in_flight_task_runs.values() for run in runs}
 
     def heartbeat(self) -> Heartbeat:
-        """What this worker holds right now, for the reaper (see flows.liveness)."""
+        """What this worker holds right now, for the reaper (see fanout.liveness)."""
         now = time.time()
         if not self.stopping and len(self.in_flight()) < (self.limit or 0):
             self._free_since = self._free_since or now
@@ -240,19 +248,25 @@ def serve_health(worker: FanoutWorker, host: str, port: int) -> ThreadingHTTPSer
 
 def build_parser() -> argparse.ArgumentParser:
     env = os.environ.get
-    p = argparse.ArgumentParser(prog="python -m flows.worker", description=__doc__.split("\n")[0])
-    p.add_argument("--pool", default=env("FANOUT_POOL", "light"), help=f"one of: {', '.join(sorted(POOLS))}")
+    p = argparse.ArgumentParser(prog="python -m fanout.worker", description=__doc__.split("\n")[0])
+    p.add_argument("--pool", default=env("FANOUT_POOL", "default"), help="the pool's name (logs, heartbeats)")
     p.add_argument(
         "--tasks",
         default=env("FANOUT_TASKS", ""),
-        help="comma-separated module:task references to serve instead of the pool's own tasks",
+        help="comma-separated module:attribute references to serve: Prefect tasks or plain functions",
     )
-    p.add_argument("--limit", type=int, default=int(env("FANOUT_WORKER_LIMIT", "10")), help="task runs at once")
+    p.add_argument("--limit", type=int, default=settings.worker_limit(), help="task runs at once")
     p.add_argument(
         "--heartbeat",
         type=float,
-        default=float(env("FANOUT_HEARTBEAT_SECONDS", "5")),
+        default=settings.heartbeat_seconds(),
         help="seconds between heartbeats (what the reaper sees)",
+    )
+    p.add_argument(
+        "--warm-process-pool",
+        default=env("FANOUT_WARM_PROCESS_POOL", ""),
+        help="start a kept process pool at start (`auto`: one process per CPU of the pod, or a number), "
+        "for subflows on WarmProcessPoolTaskRunner",
     )
     p.add_argument("--health-host", default=env("FANOUT_HEALTH_HOST", "127.0.0.1"), help="probe address")
     p.add_argument("--health-port", type=int, default=int(env("FANOUT_HEALTH_PORT", "8080")), help="probe port")
@@ -267,7 +281,7 @@ def configure_logging() -> None:
     """
     handler = logging.StreamHandler(sys.stdout)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    ours = logging.getLogger("flows")
+    ours = logging.getLogger("fanout")
     ours.addHandler(handler)
     ours.setLevel(logging.INFO)
     ours.propagate = False
@@ -276,17 +290,26 @@ def configure_logging() -> None:
 
 
 def load_tasks(refs: str) -> list[Task[..., Any]]:
-    """Tasks named `module:attribute`, for pools of your own tasks (same image everywhere)."""
+    """The Prefect tasks to serve for `module:attribute` references (same image
+    everywhere): a task itself and its chunk task (`fanout.fan_out`); for a plain
+    function, its chunk task only."""
     tasks: list[Task[..., Any]] = []
-    for ref in filter(None, (r.strip() for r in refs.split(","))):
+    names = [r.strip() for r in refs.split(",") if r.strip()]
+    if not names:
+        raise ValueError("--tasks: name at least one task to serve, e.g. --tasks mymodule:resize")
+    for ref in names:
         module, _, attr = ref.partition(":")
+        if not module or not attr:
+            raise ValueError(f"--tasks: {ref!r} is not of the form module:attribute")
         try:
             obj = getattr(importlib.import_module(module), attr)
         except (ImportError, AttributeError) as exc:
             raise ValueError(f"--tasks: cannot load {ref!r}: {exc}") from None
-        if not isinstance(obj, Task):
-            raise ValueError(f"--tasks: {ref!r} is not a Prefect task")
-        tasks.append(obj)
+        if isinstance(obj, Task):
+            tasks.append(obj)
+        elif not callable(obj):
+            raise ValueError(f"--tasks: {ref!r} is neither a Prefect task nor a function")
+        tasks.append(chunk_task(obj))
     return tasks
 
 
@@ -318,6 +341,18 @@ async def run(args: argparse.Namespace, tasks: list[Task[..., Any]]) -> None:
         log.info("worker %s stopped after %d task runs", worker.client_id, sum(worker.finished_task_runs.values()))
 
 
+def warm_pool_size(value: str) -> int:
+    """`--warm-process-pool`: "" or 0 for none, `auto` for the CPUs of this process, or N."""
+    value = value.strip().lower()
+    if value in ("", "0", "no", "false"):
+        return 0
+    if value == "auto":
+        return available_cpus()
+    if not value.isdigit():
+        raise ValueError(f"--warm-process-pool must be auto, 0 or a number of processes, got {value!r}")
+    return int(value)
+
+
 async def wait_for_api(stopping: Callable[[], bool], interval: float = 1.0) -> bool:
     """Until the Prefect API answers its (unauthenticated) health check; False if the
     worker was told to stop first."""
@@ -342,7 +377,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        tasks = load_tasks(args.tasks) if args.tasks.strip() else pool_tasks(args.pool)
+        tasks = load_tasks(args.tasks)
+        pool_size = warm_pool_size(args.warm_process_pool)
     except ValueError as exc:
         parser.error(str(exc))
     if args.limit < 1:
@@ -350,8 +386,9 @@ def main(argv: list[str] | None = None) -> None:
     configure_logging()
     internals.install()  # also without PREFECT_PLUGINS_ENABLED
     # Load what the first run would, in the background, so that a new pod's first runs
-    # are as fast as its later ones (FANOUT_WARM_UP=0: skip).
-    warmup = warm_engine if args.tasks.strip() else POOL_WARMUP.get(args.pool, warm_engine)
+    # are as fast as its later ones (FANOUT_WARM_UP=0: skip); start the kept process
+    # pool too if asked.
+    warmup = functools.partial(warm_process_pool, pool_size) if pool_size else warm_engine
     if os.environ.get("FANOUT_WARM_UP", "1") != "0":
         threading.Thread(target=warmup, name="warmup", daemon=True).start()
     try:

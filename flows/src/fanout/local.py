@@ -1,7 +1,7 @@
 """A whole stack on one machine: database, Prefect server and task-worker processes.
 
 Used by `make run` (the demo) and by the integration tests, so both exercise the same
-processes that run in pods later: `prefect server start` and `python -m flows.worker`,
+processes that run in pods later: `prefect server start` and `python -m fanout.worker`,
 talking over loopback. Everything it starts runs in its own process group and is
 stopped on exit, including after errors.
 
@@ -21,9 +21,12 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
+
+from fanout import settings
 
 
 def free_port() -> int:
@@ -98,28 +101,23 @@ class Proc:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
 
 
-# The chart's `server.settings` defaults (a chart test keeps the two equal): task-run
-# states and events written to the database in batches, and a connection pool big enough
-# that the server does not open a PostgreSQL connection per request under load (Prefect's
-# 5 + 10 overflow did: backends lived ~1-7 s). The environment overrides them.
-SERVER_SETTINGS = {
-    "PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_BATCH_SIZE": "100",
-    "PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_READ_BATCH_SIZE": "100",
-    "PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_FLUSH_INTERVAL": "1",
-    "PREFECT_SERVER_SERVICES_EVENT_PERSISTER_BATCH_SIZE": "200",
-    "PREFECT_SERVER_SERVICES_EVENT_PERSISTER_READ_BATCH_SIZE": "100",
-    "PREFECT_SERVER_SERVICES_EVENT_PERSISTER_FLUSH_INTERVAL": "1",
-    "PREFECT_SERVER_DATABASE_SQLALCHEMY_POOL_SIZE": "20",
-    "PREFECT_SERVER_DATABASE_SQLALCHEMY_MAX_OVERFLOW": "20",
-}
-
-
 class LocalStack:
     """Database + Prefect server + task workers under `root`; a context manager."""
 
-    def __init__(self, root: Path, database: str = "auto", ui: bool = True) -> None:
+    def __init__(
+        self,
+        root: Path,
+        database: str = "auto",
+        ui: bool = True,
+        pools: Mapping[str, str] | None = None,
+        pool_env: Mapping[str, Mapping[str, str]] | None = None,
+    ) -> None:
+        """`pools` maps a pool name to the `--tasks` its workers serve (`start_worker(pool)`),
+        `pool_env` to extra environment for them."""
         if database not in ("auto", "postgres", "sqlite"):
             raise ValueError(f"database must be auto, postgres or sqlite, got {database!r}")
+        self.pools = dict(pools or {})
+        self.pool_env = {k: dict(v) for k, v in (pool_env or {}).items()}
         self.root = root.resolve()
         self.database = database
         self.ui = ui
@@ -140,7 +138,7 @@ class LocalStack:
             "FANOUT_STORAGE": str(self.storage),
             "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
             "PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW": "ignore",
-            # Our plugin (flows.plugin): Prefect's default storage on FANOUT_STORAGE and
+            # Our plugin (fanout.plugin): Prefect's default storage on FANOUT_STORAGE and
             # the client fixes, in every process, as the image does.
             "PREFECT_PLUGINS_ENABLED": "true",
             "PYTHONUNBUFFERED": "1",
@@ -246,7 +244,7 @@ class LocalStack:
     def _spawn_server(self, port: int, timeout: float) -> Proc:
         env = self.env(
             "server",
-            **{name: os.environ.get(name, value) for name, value in SERVER_SETTINGS.items()},
+            **{name: os.environ.get(name, value) for name, value in settings.SERVER_SETTINGS.items()},
             PREFECT_API_DATABASE_CONNECTION_URL=self.db_url,
             PREFECT_SERVER_LOGGING_LEVEL="WARNING",
             PREFECT_UI_ENABLED="true" if self.ui else "false",
@@ -269,18 +267,22 @@ class LocalStack:
         tasks: str = "",
         env: dict[str, str] | None = None,
     ) -> Proc:
-        """A `python -m flows.worker` process; waits until it is subscribed (healthz 200).
+        """A `python -m fanout.worker` process; waits until it is subscribed (healthz 200).
 
         `cpus` pins it (and the process pools it starts) to that many CPUs, the local
         stand-in for a pod's CPU limit. `tasks` (`module:task,...`) serves those tasks
         instead of the pool's own; `env` adds to its environment (e.g. PYTHONPATH).
         """
         name = name or f"worker-{pool}-{sum(p.name.startswith(f'worker-{pool}') for p in self.procs)}"
+        tasks = tasks or self.pools.get(pool, "")
+        if not tasks:
+            raise ValueError(f"pool {pool!r} names no tasks: pass tasks= or LocalStack(pools=...)")
+        env = {**self.pool_env.get(pool, {}), **(env or {})}
         port = free_port()
         argv = [
             sys.executable,
             "-m",
-            "flows.worker",
+            "fanout.worker",
             "--pool",
             pool,
             "--limit",
@@ -289,7 +291,8 @@ class LocalStack:
             "127.0.0.1",
             "--health-port",
             str(port),
-            *(["--tasks", tasks] if tasks else []),
+            "--tasks",
+            tasks,
         ]
         if cpus is not None:
             mine = sorted(os.sched_getaffinity(0))
@@ -308,8 +311,8 @@ class LocalStack:
     def start_reaper(
         self, interval: float = 2.0, stale_after: float = 8.0, max_deliveries: int = 3, fail_unserved_after: float = 600
     ) -> Proc:
-        """The reaper (`python -m flows.reaper`), with short timings for a local demo/test."""
-        argv = [sys.executable, "-m", "flows.reaper", "--interval", str(interval), "--stale-after",
+        """The reaper (`python -m fanout.reaper`), with short timings for a local demo/test."""
+        argv = [sys.executable, "-m", "fanout.reaper", "--interval", str(interval), "--stale-after",
                 str(stale_after), "--max-deliveries", str(max_deliveries),
                 "--fail-unserved-after", str(fail_unserved_after)]  # fmt: skip
         return self.spawn("reaper", argv, self.env("reaper"))
@@ -319,12 +322,14 @@ class LocalStack:
         pod restart would: whatever it held only in memory (its task-run queue) is gone."""
         return self.start_server(timeout, port=self.stop_server())
 
-    def run_flow(self, args: list[str], timeout: float = 900, capture: bool = True) -> subprocess.CompletedProcess[str]:
-        """Run the parent flow (`python -m flows.fanout ARGS`) as a separate submitter
-        process, as a flow-run pod would; `capture=False` shows its output live."""
+    def run_module(
+        self, module: str, args: list[str], timeout: float = 900, capture: bool = True, **env: str
+    ) -> subprocess.CompletedProcess[str]:
+        """Run `python -m MODULE ARGS` as a separate submitter process, as a flow-run pod
+        would; `capture=False` shows its output live."""
         return subprocess.run(
-            [sys.executable, "-m", "flows.fanout", *args],
-            env=self.env("submitter"),
+            [sys.executable, "-m", module, *args],
+            env=self.env("submitter", **env),
             capture_output=capture,
             text=True,
             timeout=timeout,

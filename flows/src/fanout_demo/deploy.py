@@ -6,7 +6,7 @@ Run once per install/upgrade (the chart's hook Job does it). A parent flow can t
 is what `crunch` sizes its process pool from.
 
 The code is baked into the image, so the deployment points at a module path
-(`flows.tasks:crunch`) instead of pulling source at run time.
+(`fanout_demo.tasks:crunch`) instead of pulling source at run time.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from uuid import UUID
 
 from prefect.deployments.runner import EntrypointType
 
-from flows.tasks import crunch
+from fanout_demo.tasks import crunch
 
 DEPLOYMENT = "crunch"
 
@@ -37,7 +37,7 @@ def register(work_pool: str, image: str | None, job_variables: dict[str, str] | 
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m flows.deploy", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m fanout_demo.deploy", description=__doc__.split("\n")[0])
     p.add_argument("--work-pool", required=True, help="Kubernetes work pool name")
     p.add_argument("--image", default=None, help="image of flow-run pods (default: the pool's)")
     p.add_argument("--image-pull-policy", default=None, help="e.g. IfNotPresent for locally loaded images")

@@ -11,12 +11,12 @@ for the life of the process that started it (a task worker), keyed by its size a
 initializer, and every later flow run using a runner of that size reuses it. Mark a
 subflow with it instead of `ProcessPoolTaskRunner`:
 
-    from flows.processpool import WarmProcessPoolTaskRunner
+    from fanout.processpool import WarmProcessPoolTaskRunner
 
     @flow(task_runner=WarmProcessPoolTaskRunner())      # one process per CPU of the pod
     def crunch_batch(items): ...
 
-Its size defaults to the CPUs this process may use (the pod's CPU limit, `flows.cpu`),
+Its size defaults to the CPUs this process may use (the pod's CPU limit, `fanout.cpu`),
 not the node's CPU count as Prefect's does. A pool one of whose processes died (OOM
 killer, `kill`) is replaced before the next batch.
 """
@@ -36,10 +36,10 @@ from typing import Any
 from prefect.context import SyncClientContext, serialize_context
 from prefect.task_runners import ProcessPoolTaskRunner
 
-from flows.cpu import available_cpus
-from flows.internals import without_settings
+from fanout.cpu import available_cpus
+from fanout.internals import without_settings
 
-log = logging.getLogger("flows.worker")
+log = logging.getLogger("fanout.worker")
 
 
 def warm_engine() -> None:

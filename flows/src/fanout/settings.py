@@ -1,0 +1,69 @@
+"""Every tunable of the stack with its default, in one place.
+
+The code reads these (each can be overridden by the environment variable named beside
+it, for pods), the chart's defaults are checked against them by the chart tests, and the
+local stack starts its server with `SERVER_SETTINGS`, so nothing is kept in step by hand.
+"""
+
+from __future__ import annotations
+
+import os
+
+
+def _env_float(name: str, default: float) -> float:
+    try:
+        return float(os.environ.get(name, default))
+    except ValueError:
+        return default
+
+
+# -- task workers (`python -m fanout.worker`) -------------------------------------------
+WORKER_LIMIT = 10  # task runs at once per worker (FANOUT_WORKER_LIMIT)
+HEARTBEAT_SECONDS = 5.0  # between worker heartbeats (FANOUT_HEARTBEAT_SECONDS)
+
+# -- the reaper (`python -m fanout.reaper`) ---------------------------------------------
+REAPER_INTERVAL = 10.0  # seconds between sweeps
+STALE_AFTER = 30.0  # heartbeat age after which a worker counts as dead (>= 3 heartbeats)
+MAX_DELIVERIES = 3  # deliveries before a run is failed as poison
+FAIL_UNSERVED_AFTER = 600.0  # seconds before a run no live worker serves is failed (0: never)
+
+# -- waiting (every process, through our Prefect plugin) ---------------------------------
+WAIT_POLL_SECONDS = 2.0  # futures also poll their runs' states this often (FANOUT_WAIT_POLL_SECONDS)
+
+# -- the fan-out API (`fanout.fan_out`) ---------------------------------------------------
+UNSERVED_PATIENCE = 60.0  # seconds before a fan-out whose task no live worker serves is told so
+MAX_AUTO_TASK_RUNS = 100  # automatic chunking: at most this many task runs per fan-out...
+RUNS_PER_SLOT = 4  # ...and about this many per live worker slot, so every slot has work
+STREAM_CHUNK_SIZE = 100  # items per task run when the number of items is not known up front
+MAX_PARAMETER_BYTES = 1 << 20  # one task run's parameters, at most (FANOUT_MAX_PARAMETER_BYTES)
+
+# -- the Prefect server (the chart's `server.settings` defaults; a chart test keeps them
+# equal): task-run states and events written to the database in batches, and a
+# connection pool big enough that the server does not open a PostgreSQL connection per
+# request under load (Prefect's 5 + 10 overflow did: backends lived ~1-7 s).
+SERVER_SETTINGS = {
+    "PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_BATCH_SIZE": "100",
+    "PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_READ_BATCH_SIZE": "100",
+    "PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_FLUSH_INTERVAL": "1",
+    "PREFECT_SERVER_SERVICES_EVENT_PERSISTER_BATCH_SIZE": "200",
+    "PREFECT_SERVER_SERVICES_EVENT_PERSISTER_READ_BATCH_SIZE": "100",
+    "PREFECT_SERVER_SERVICES_EVENT_PERSISTER_FLUSH_INTERVAL": "1",
+    "PREFECT_SERVER_DATABASE_SQLALCHEMY_POOL_SIZE": "20",
+    "PREFECT_SERVER_DATABASE_SQLALCHEMY_MAX_OVERFLOW": "20",
+}
+
+
+def worker_limit() -> int:
+    return int(_env_float("FANOUT_WORKER_LIMIT", WORKER_LIMIT))
+
+
+def heartbeat_seconds() -> float:
+    return _env_float("FANOUT_HEARTBEAT_SECONDS", HEARTBEAT_SECONDS)
+
+
+def wait_poll_seconds() -> float:
+    return max(0.2, _env_float("FANOUT_WAIT_POLL_SECONDS", WAIT_POLL_SECONDS))
+
+
+def max_parameter_bytes() -> int:
+    return int(_env_float("FANOUT_MAX_PARAMETER_BYTES", MAX_PARAMETER_BYTES))

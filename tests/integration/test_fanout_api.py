@@ -1,0 +1,130 @@
+"""The public fan-out API (`fanout.fan_out`, `afan_out`, `fan_out_iter`) on the user's own
+functions over the user's own data (strings), on a real server and real workers.
+
+The user's code is `tests/usercode/userwork/bulk.py` (plain functions; its flows call
+the API), on PYTHONPATH, served by `python -m fanout.worker --tasks userwork.bulk:...`.
+Every flow runs in its own submitter process with a hard timeout.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from fanout.local import LocalStack, Proc, wait_until
+from fanout_demo.local import DemoStack
+
+USERCODE = Path(__file__).resolve().parents[1] / "usercode"
+TASKS = "userwork.bulk:shout,userwork.bulk:slow_shout,userwork.bulk:pad"
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
+    root: Path = tmp_path_factory.mktemp("api")
+    with DemoStack(root, ui=False) as st:
+        st.start_reaper(interval=1.0, stale_after=6.0)
+        yield st
+
+
+@pytest.fixture
+def workers(stack: LocalStack) -> Iterator[list[Proc]]:
+    started: list[Proc] = []
+    yield started
+    for w in started:
+        w.stop()
+
+
+def user_worker(stack: LocalStack, limit: int = 4) -> Proc:
+    return stack.start_worker("user", limit=limit, tasks=TASKS, env={"PYTHONPATH": str(USERCODE)})
+
+
+def start(stack: LocalStack, call: str) -> subprocess.Popen[str]:
+    code = f"import asyncio, json; from userwork.bulk import *; print('RESULT ' + json.dumps({call}))"
+    return subprocess.Popen(
+        [sys.executable, "-c", code],
+        env=stack.env("submitter", PYTHONPATH=str(USERCODE)),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def finish(proc: subprocess.Popen[str], timeout: float) -> Any:
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise AssertionError(f"no result within {timeout:.0f}s:\n{proc.communicate()[0][-4000:]}") from None
+    lines = [ln for ln in out.splitlines() if ln.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, f"exit {proc.returncode}:\n{out[-4000:]}"
+    return json.loads(lines[-1].removeprefix("RESULT "))
+
+
+def status(w: Proc) -> dict[str, Any]:
+    return httpx.get(f"http://127.0.0.1:{w.port}/status", timeout=5).json()
+
+
+WORDS = [f"word-{i}" for i in range(1000)]
+
+
+@pytest.mark.parametrize("call", ["shout_all(WORDS)", "asyncio.run(ashout_all(WORDS))"])
+def test_1000_strings_from_a_sync_and_an_async_flow(stack: LocalStack, workers: list[Proc], call: str) -> None:
+    workers += [user_worker(stack) for _ in range(2)]
+    got = finish(start(stack, call.replace("WORDS", repr(WORDS))), 300)
+    assert got["failed"] == {}, list(got["failed"].items())[:3]
+    assert got["values"] == [w.upper() + "!" for w in WORDS]  # every item, in item order
+    # sized from the live slots (2 workers x 4): every slot busy, far fewer runs than items
+    assert 8 <= got["task_runs"] <= 100, got["task_runs"]
+    with httpx.Client(base_url=stack.api_url, timeout=30) as c:
+        runs = c.post("/task_runs/filter", json={"task_runs": {"name": {"like_": "shout["}}, "limit": 200}).json()
+    assert any(r["name"] == f"shout[0:{got['chunk_size']}]" for r in runs), [r["name"] for r in runs][:5]
+
+
+def test_one_raising_item_fails_alone_and_its_chunk_shows_failed(stack: LocalStack, workers: list[Proc]) -> None:
+    workers.append(user_worker(stack))
+    words = ["a", "b", "boom", "c", "d"]
+    got = finish(start(stack, f"shout_all({words!r}, chunk_size=5)"), 120)
+    assert got["failed"] == {"2": "ValueError: boom is not a word"}
+    assert got["values"][:2] == ["A!", "B!"] and got["values"][3:] == ["C!", "D!"]
+    with httpx.Client(base_url=stack.api_url, timeout=30) as c:
+        runs = c.post("/task_runs/filter", json={"task_runs": {"name": {"any_": ["shout[0:5]"]}}}).json()
+    assert {r["state"]["type"] for r in runs} == {"FAILED"}  # what the UI shows
+
+
+def test_kill_9_of_a_busy_worker_mid_fan_out(stack: LocalStack, workers: list[Proc]) -> None:
+    workers += [user_worker(stack, limit=2) for _ in range(2)]
+    proc = start(stack, "slow_shout_all(40)")
+    victim = workers[0]
+    wait_until(lambda: status(victim)["running"] > 0, 120, "victim busy")
+    victim.signal(signal.SIGKILL)
+    got = finish(proc, 300)
+    assert [v["word"] for v in got["values"]] == [f"W{i}" for i in range(40)]
+    assert got["failed"] == {} and got["redelivered"] >= 1
+
+
+def test_a_server_restart_mid_fan_out_is_not_seen_by_the_caller(stack: LocalStack, workers: list[Proc]) -> None:
+    workers += [user_worker(stack, limit=2) for _ in range(2)]
+    proc = start(stack, "slow_shout_all(40)")
+    wait_until(lambda: any(status(w)["running"] for w in workers), 120, "the fan-out under way")
+    stack.restart_server()
+    got = finish(proc, 300)
+    assert [v["word"] for v in got["values"]] == [f"W{i}" for i in range(40)]
+    assert got["failed"] == {}
+
+
+def test_20000_results_consumed_as_they_complete_in_bounded_memory(stack: LocalStack, workers: list[Proc]) -> None:
+    """10 KB results: holding all 20,000 would take 200 MB; the iterator keeps only the
+    task runs in flight."""
+    workers += [user_worker(stack, limit=4) for _ in range(2)]
+    got = finish(start(stack, "stream_pad(20_000)"), 600)
+    assert got["distinct"] == got["ok"] == 20_000
+    assert got["bytes"] == 20_000 * 10_000
+    assert got["rss_growth_mb"] < 120, got

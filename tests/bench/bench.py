@@ -473,7 +473,12 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", type=Path, default=Path(".bench"))
     p.add_argument("--quick", action="store_true", help="skip the 10,000-item and scaling runs")
+    parts = ("peers", "chunked", "unchunked", "scaling", "heavy", "user")
+    p.add_argument("--only", default=",".join(parts), help=f"comma-separated parts to run: {', '.join(parts)}")
     args = p.parse_args(argv)
+    only = {x.strip() for x in args.only.split(",") if x.strip()}
+    if only - set(parts):
+        p.error(f"--only: unknown parts {sorted(only - set(parts))}; known: {', '.join(parts)}")
     # SIGTERM (`kill`, a CI timeout) unwinds like an exception, so the finally blocks stop
     # Redis, Celery and our local stack rather than leave them running.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -487,14 +492,15 @@ def main(argv: list[str] | None = None) -> None:
         results.append(r)
         say(f"{r.scenario:<12} {r.system:<20} {r.seconds:8.2f}s {r.items_per_second:9.1f} items/s {r.extra or ''}")
 
-    for sc in scenarios:
+    for sc in scenarios if "peers" in only else []:
         say(f"{sc.name}: processpool, dask")
         record(run_pool(sc))
         record(run_dask(sc))
     celery = CeleryPeer(root)
     try:
-        celery.start_redis()
-        for sc in scenarios:
+        if "peers" in only:
+            celery.start_redis()
+        for sc in scenarios if "peers" in only else []:
             say(f"{sc.name}: celery")
             record(celery.run(sc))
     finally:
@@ -502,8 +508,11 @@ def main(argv: list[str] | None = None) -> None:
     ours = Ours(root)
     try:
         for sc in scenarios:
-            say(f"{sc.name}: ours (automatic chunking)")
-            record(ours.run(sc, "ours-chunked", None))
+            if "chunked" in only:
+                say(f"{sc.name}: ours (automatic chunking)")
+                record(ours.run(sc, "ours-chunked", None))
+            if "unchunked" not in only:
+                continue
             if sc.items <= 1000:
                 say(f"{sc.name}: ours (one item per task run)")
                 record(ours.run(sc, "ours-unchunked", 1))
@@ -511,36 +520,43 @@ def main(argv: list[str] | None = None) -> None:
                 say(f"{sc.name}: ours (one item per task run; no automations: triggers off, no Scheduled events)")
                 with ours.lean():
                     record(ours.run(sc, "ours-unchunked-lean", 1))
-        if not args.quick:
+        if not args.quick and "scaling" in only:
             extra["scaling_sleep_200"] = {}
             for n in (1, 2, 4, 8):
                 say(f"scaling: sleep-200 with {n} workers of 10 slots")
                 r = ours.run(Scenario("sleep-200", 200, "noop", 0.1, 20), f"ours-{n}w", 1, workers=n)
                 extra["scaling_sleep_200"][n] = {"seconds": r.seconds, "items_per_second": r.items_per_second}
                 say(f"  {n} workers: {r.seconds:.2f}s, {r.items_per_second:.1f} items/s")
-        # Five batches and their median: on these VMs one batch's speed-up varies from
-        # 1.4x to 1.95x between runs, with the same code.
-        say("process-pool subflow: 200 CPU items of ~50 ms (5 batches, median), and an empty batch")
-        startup, (*batches, empty) = ours.heavy([(200, workload.CPU_ITEM_SPAN)] * 5 + [(2, 1)])
-        heavy = sorted(batches, key=lambda b: b["serial_seconds"] / b["seconds"])[len(batches) // 2]  # the median
-        extra["process_pool"] = {
-            "processes": heavy["processes"], "pool_seconds": heavy["seconds"],
-            "serial_seconds": heavy["serial_seconds"], "speedup": heavy["serial_seconds"] / heavy["seconds"],
-            "speedups_of_all_batches": [round(b["serial_seconds"] / b["seconds"], 2) for b in batches],
-            "startup_seconds": startup,  # starting the pool's processes, once per heavy worker
-            "per_batch_overhead_seconds": empty["seconds"],  # a batch of no work: the subflow's fixed cost
-            "speedup_excluding_overhead": heavy["serial_seconds"] / max(1e-9, heavy["seconds"] - empty["seconds"]),
-        }  # fmt: skip
-        say(f"process pool: {extra['process_pool']}")
-        say("a user's function over 1,000 strings: fanout.fan_out vs plain .delay()")
-        for r in ours.user_strings(1000):
-            record(r)
-        say("a user's process-pool subflow: serial vs ProcessPoolTaskRunner vs WarmProcessPoolTaskRunner")
-        extra["user_subflow"] = ours.user_subflow([(40, 200.0), (40, 32.0)])
+        if "heavy" in only:
+            heavy_part(ours, extra)
+        if "user" in only:
+            say("a user's function over 1,000 strings: fanout.fan_out vs plain .delay()")
+            for r in ours.user_strings(1000):
+                record(r)
+            say("a user's process-pool subflow: serial vs ProcessPoolTaskRunner vs WarmProcessPoolTaskRunner")
+            extra["user_subflow"] = ours.user_subflow([(40, 200.0), (40, 32.0)])
     finally:
         ours.close()
         shutil.rmtree(root, ignore_errors=True)
     report(results, extra, args.out)
+
+
+def heavy_part(ours: Ours, extra: dict[str, Any]) -> None:
+    """The demo's heavy subflow on a warm heavy worker: start-up, per-batch overhead, speed-up."""
+    # Five batches and their median: on these VMs one batch's speed-up varies from
+    # 1.4x to 1.95x between runs, with the same code.
+    say("process-pool subflow: 200 CPU items of ~50 ms (5 batches, median), and an empty batch")
+    startup, (*batches, empty) = ours.heavy([(200, workload.CPU_ITEM_SPAN)] * 5 + [(2, 1)])
+    heavy = sorted(batches, key=lambda b: b["serial_seconds"] / b["seconds"])[len(batches) // 2]  # the median
+    extra["process_pool"] = {
+        "processes": heavy["processes"], "pool_seconds": heavy["seconds"],
+        "serial_seconds": heavy["serial_seconds"], "speedup": heavy["serial_seconds"] / heavy["seconds"],
+        "speedups_of_all_batches": [round(b["serial_seconds"] / b["seconds"], 2) for b in batches],
+        "startup_seconds": startup,  # starting the pool's processes, once per heavy worker
+        "per_batch_overhead_seconds": empty["seconds"],  # a batch of no work: the subflow's fixed cost
+        "speedup_excluding_overhead": heavy["serial_seconds"] / max(1e-9, heavy["seconds"] - empty["seconds"]),
+    }  # fmt: skip
+    say(f"process pool: {extra['process_pool']}")
 
 
 if __name__ == "__main__":

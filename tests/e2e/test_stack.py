@@ -83,7 +83,8 @@ class Stack:
         out = self.k("logs", f"job/{job}", "--tail=30", check=False).stdout
         done = running = 0
         for line in out.splitlines():
-            if m := re.search(r"items: (\d+)/\d+ done; runs waiting: (.*)$", line):
+            # fanout.fan_out's progress line: "process_item: 5/240 done (0 failed); task runs waiting: 3 running"
+            if m := re.search(r"process_item: (\d+)/\d+ done \(\d+ failed\); task runs waiting: (.*)$", line):
                 done = int(m.group(1))
                 r = re.search(r"(\d+) running", m.group(2))
                 running = int(r.group(1)) if r else 0

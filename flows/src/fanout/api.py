@@ -224,10 +224,11 @@ def fan_out_iter(
 ) -> Iterator[ItemOutcome]:
     """Fan `fn` out over `items`; yield each item's outcome as its chunk finishes.
 
-    Items are read lazily and at most `max_in_flight` task runs (default: enough for
-    every live slot twice, at least 64) exist at once, so a fan-out of millions keeps
-    bounded memory here. Every item is yielded exactly once; after `timeout` seconds the
-    ones left are yielded as failed ("timed out; ...").
+    Items are read lazily and at most `max_in_flight` task runs (default
+    ITER_MAX_IN_FLIGHT, 1,000) are submitted and not yet finished at once, so a fan-out
+    of millions keeps bounded memory here (the items of those runs, at most). Every item
+    is yielded exactly once; after `timeout` seconds the ones left are yielded as failed
+    ("timed out; ...").
     """
     validate(fn, items, chunk_size, timeout)
     stats = _stats or _Stats()
@@ -247,7 +248,7 @@ def fan_out_iter(
         except Exception:  # noqa: BLE001 - no heartbeats yet (server starting); size as if unknown
             slots = 0
         size = chunk_size or auto_chunk_size(total, slots)
-        window = max_in_flight or max(64, 2 * slots)
+        window = max_in_flight or max(settings.ITER_MAX_IN_FLIGHT, 4 * slots)
         stats.chunk_size = size
         source = iter(items)
         next_index = 0
@@ -364,7 +365,12 @@ def fan_out(
     t0 = time.monotonic()
     stats = _Stats()
     outcomes: list[ItemOutcome | None] = [None] * len(items)  # type: ignore[arg-type]
-    for outcome in fan_out_iter(fn, items, chunk_size=chunk_size, timeout=timeout, progress=progress, _stats=stats):
+    # Every item is in memory already: submit every chunk at once (a window would only
+    # hold submission back behind completions).
+    every = MAX_TASK_RUNS
+    for outcome in fan_out_iter(
+        fn, items, chunk_size=chunk_size, timeout=timeout, max_in_flight=every, progress=progress, _stats=stats
+    ):
         outcomes[outcome.index] = outcome
     missing = [i for i, o in enumerate(outcomes) if o is None]
     for i in missing:  # cannot happen; never report an item as nothing

@@ -35,6 +35,7 @@ UNSERVED_PATIENCE = 60.0  # seconds before a fan-out whose task no live worker s
 MAX_AUTO_TASK_RUNS = 100  # automatic chunking: at most this many task runs per fan-out...
 RUNS_PER_SLOT = 4  # ...and about this many per live worker slot, so every slot has work
 STREAM_CHUNK_SIZE = 100  # items per task run when the number of items is not known up front
+ITER_MAX_IN_FLIGHT = 1000  # fan_out_iter: task runs submitted and not yet finished, at most
 MAX_PARAMETER_BYTES = 1 << 20  # one task run's parameters, at most (FANOUT_MAX_PARAMETER_BYTES)
 
 # -- the Prefect server (the chart's `server.settings` defaults; a chart test keeps them

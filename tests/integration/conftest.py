@@ -7,13 +7,16 @@ same commands a user runs (`python -m fanout.worker`, `python -m fanout_demo.flo
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import httpx
 import pytest
 
-from fanout.local import LocalStack
+from fanout.local import LocalStack, Proc
 from fanout_demo.local import DemoStack
 
 DATABASE = os.environ.get("FANOUT_TEST_DATABASE", "auto")
@@ -43,3 +46,25 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
         pids = [p.popen.pid for p in st.procs]
         yield st
     assert_all_stopped(pids)
+
+
+@contextlib.contextmanager
+def stack_with_reaper(tmp_path_factory: pytest.TempPathFactory, name: str, **reaper: Any) -> Iterator[LocalStack]:
+    """A module's own stack (no workers yet) with the reaper, on short timings."""
+    with DemoStack(tmp_path_factory.mktemp(name), ui=False) as st:
+        st.start_reaper(**{"interval": 1.0, **reaper})
+        yield st
+
+
+@pytest.fixture
+def workers(stack: LocalStack) -> Iterator[list[Proc]]:
+    """Workers a test starts; stopped after it."""
+    started: list[Proc] = []
+    yield started
+    for w in started:
+        w.stop()
+
+
+def status(w: Proc) -> dict[str, Any]:
+    """A worker's `/status` counters (running, finished, connected, ...)."""
+    return httpx.get(f"http://127.0.0.1:{w.port}/status", timeout=5).json()

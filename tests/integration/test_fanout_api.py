@@ -18,9 +18,9 @@ from typing import Any
 
 import httpx
 import pytest
+from conftest import stack_with_reaper, status
 
 from fanout.local import LocalStack, Proc, wait_until
-from fanout_demo.local import DemoStack
 
 USERCODE = Path(__file__).resolve().parents[1] / "usercode"
 TASKS = "userwork.bulk:shout,userwork.bulk:slow_shout,userwork.bulk:pad"
@@ -28,18 +28,8 @@ TASKS = "userwork.bulk:shout,userwork.bulk:slow_shout,userwork.bulk:pad"
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
-    root: Path = tmp_path_factory.mktemp("api")
-    with DemoStack(root, ui=False) as st:
-        st.start_reaper(interval=1.0, stale_after=6.0)
+    with stack_with_reaper(tmp_path_factory, "api", stale_after=6.0) as st:
         yield st
-
-
-@pytest.fixture
-def workers(stack: LocalStack) -> Iterator[list[Proc]]:
-    started: list[Proc] = []
-    yield started
-    for w in started:
-        w.stop()
 
 
 def user_worker(stack: LocalStack, limit: int = 4) -> Proc:
@@ -66,10 +56,6 @@ def finish(proc: subprocess.Popen[str], timeout: float) -> Any:
     lines = [ln for ln in out.splitlines() if ln.startswith("RESULT ")]
     assert proc.returncode == 0 and lines, f"exit {proc.returncode}:\n{out[-4000:]}"
     return json.loads(lines[-1].removeprefix("RESULT "))
-
-
-def status(w: Proc) -> dict[str, Any]:
-    return httpx.get(f"http://127.0.0.1:{w.port}/status", timeout=5).json()
 
 
 WORDS = [f"word-{i}" for i in range(1000)]

@@ -19,29 +19,18 @@ from pathlib import Path
 
 import httpx
 import pytest
+from conftest import stack_with_reaper, status
 
 from fanout.local import LocalStack, Proc, wait_until
 from fanout_demo import workload
-from fanout_demo.local import DemoStack
 
 STALE_AFTER = 6.0
 
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
-    root: Path = tmp_path_factory.mktemp("nolost")
-    with DemoStack(root, ui=False) as st:
-        st.start_reaper(interval=1.0, stale_after=STALE_AFTER, max_deliveries=3)
+    with stack_with_reaper(tmp_path_factory, "nolost", stale_after=STALE_AFTER, max_deliveries=3) as st:
         yield st
-
-
-@pytest.fixture
-def workers(stack: LocalStack) -> Iterator[list[Proc]]:
-    """Workers a test starts; stopped after it."""
-    started: list[Proc] = []
-    yield started
-    for w in started:
-        w.stop()
 
 
 def submit(stack: LocalStack, out: Path, *args: str) -> subprocess.Popen[str]:
@@ -53,10 +42,6 @@ def submit(stack: LocalStack, out: Path, *args: str) -> subprocess.Popen[str]:
         stderr=subprocess.STDOUT,
         text=True,
     )
-
-
-def status(w: Proc) -> dict:
-    return httpx.get(f"http://127.0.0.1:{w.port}/status", timeout=5).json()
 
 
 def busy(w: Proc) -> bool:

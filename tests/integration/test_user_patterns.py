@@ -21,9 +21,9 @@ from typing import Any
 
 import httpx
 import pytest
+from conftest import stack_with_reaper, status
 
 from fanout.local import LocalStack, Proc, wait_until
-from fanout_demo.local import DemoStack
 
 USERCODE = Path(__file__).resolve().parents[1] / "usercode"
 LIGHT_TASKS = "userwork.tasks:square,userwork.tasks:asquare,userwork.tasks:explode"
@@ -34,19 +34,10 @@ FAIL_UNSERVED_AFTER = 20.0
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
-    root: Path = tmp_path_factory.mktemp("patterns")
-    with DemoStack(root, ui=False) as st:
-        st.start_reaper(interval=1.0, stale_after=STALE_AFTER, fail_unserved_after=FAIL_UNSERVED_AFTER)
+    with stack_with_reaper(
+        tmp_path_factory, "patterns", stale_after=STALE_AFTER, fail_unserved_after=FAIL_UNSERVED_AFTER
+    ) as st:
         yield st
-
-
-@pytest.fixture
-def workers(stack: LocalStack) -> Iterator[list[Proc]]:
-    """Workers a test starts; stopped after it."""
-    started: list[Proc] = []
-    yield started
-    for w in started:
-        w.stop()
 
 
 def user_worker(stack: LocalStack, tasks: str = LIGHT_TASKS, limit: int = 4, **kw: Any) -> Proc:
@@ -77,10 +68,6 @@ def result_of(rc: int, output: str, call: str) -> Any:
 
 def api(stack: LocalStack) -> httpx.Client:
     return httpx.Client(base_url=stack.api_url, timeout=30)
-
-
-def status(w: Proc) -> dict[str, Any]:
-    return httpx.get(f"http://127.0.0.1:{w.port}/status", timeout=5).json()
 
 
 def assert_squares(got: list[dict[str, Any]], n: int) -> None:

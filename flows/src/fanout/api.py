@@ -239,8 +239,8 @@ def fan_out_iter(
     tag = f"fanout-{uuid.uuid4().hex[:12]}"
     task = copy.copy(base)
     task.tags = {*base.tags, tag}
-    log = _logger()
     bar = _Progress(name, total, progress)
+    log = bar.log
 
     with get_client(sync_client=True) as client:
         try:
@@ -360,8 +360,8 @@ def fan_out(
     """Fan `fn` out over `items` on the task workers and wait; every item's outcome in
     item order (see the module docstring). Never raises for a failed item: read
     `result.failed`, or `result.values`, which raises FanOutFailed naming them."""
+    validate(fn, items, chunk_size, timeout)  # before list(): a non-iterable is named, not a TypeError
     items = items if hasattr(items, "__len__") else list(items)
-    validate(fn, items, chunk_size, timeout)
     t0 = time.monotonic()
     stats = _Stats()
     outcomes: list[ItemOutcome | None] = [None] * len(items)  # type: ignore[arg-type]

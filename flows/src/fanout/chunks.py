@@ -35,7 +35,8 @@ log = logging.getLogger("fanout.worker")
 
 
 def log_finished(task: Task[..., Any], run: TaskRun, state: State) -> None:
-    """One log line per finished chunk, on the worker that ran it: `resize[0:20] Completed in 0.08s`."""
+    """One log line per finished task run (a chunk, or any task that uses it as a hook), on
+    the worker that ran it: `resize[0:20] Completed in 0.08s`."""
     took = ""
     if run.start_time is not None:
         took = f" in {(state.timestamp - run.start_time).total_seconds():.2f}s"

@@ -41,13 +41,6 @@ _CONNECTED = threading.Event()  # some client of this process has reached the AP
 POLL_PAGE = 200
 
 
-def poll_seconds() -> float:
-    """Seconds between the waiter's state polls (`FANOUT_WAIT_POLL_SECONDS`, default 2)."""
-    from fanout.settings import wait_poll_seconds
-
-    return wait_poll_seconds()
-
-
 def install() -> None:
     """Install both fixes into this process's Prefect (once)."""
     if _INSTALLED.is_set():
@@ -108,7 +101,9 @@ async def _poll_states(waiter: Any) -> None:
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterId
 
-    interval = poll_seconds()
+    from fanout.settings import wait_poll_seconds
+
+    interval = wait_poll_seconds()
     async with get_client() as client:
         while True:
             await asyncio.sleep(interval)

@@ -170,9 +170,11 @@ class WarmProcessPoolTaskRunner(ProcessPoolTaskRunner):
             max_workers=max_workers or available_cpus(), initializer=initializer, initargs=initargs, **kwargs
         )
         self._kept: tuple[ProcessPoolTaskRunner, threading.Lock] | None = None
+        self._context: dict[str, Any] | None = None  # this flow run's, serialised once
 
     def __enter__(self) -> WarmProcessPoolTaskRunner:
         self._kept = process_pool(self._max_workers, self._initializer, self._initargs)
+        self._context = None
         self._started = True
         return self
 
@@ -185,10 +187,12 @@ class WarmProcessPoolTaskRunner(ProcessPoolTaskRunner):
         if self._kept is None:
             raise RuntimeError("Task runner is not started")
         runner, lock = self._kept
+        if self._context is None:  # once per flow run, as Prefect's runner caches it
+            self._context = without_settings(serialize_context())
         with lock:
             # The kept runner caches the serialised run context of its first user; these
             # task runs belong to this flow run. The receiving processes use their own
             # settings (inherited from this process), not a copy sent along.
-            runner._cached_context = without_settings(serialize_context())
+            runner._cached_context = self._context
             runner._cached_env = dict(os.environ)
             return runner.submit(task, parameters, wait_for, dependencies)

@@ -15,10 +15,10 @@ import time
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
-from prefect import Task, flow, task
-from prefect.client.schemas.objects import State, TaskRun
+from prefect import flow, task
 from prefect.context import serialize_context
 
+from fanout.chunks import log_finished
 from fanout.cpu import available_cpus
 from fanout.internals import without_settings
 from fanout.processpool import discard_pool, process_pool
@@ -31,15 +31,6 @@ log = logging.getLogger("fanout.worker")
 def worker_id() -> str:
     """`<hostname>-<pid>`: Prefect's task-worker client id; in a pod the hostname is the pod name."""
     return f"{socket.gethostname()}-{os.getpid()}"
-
-
-def _log_finished(tsk: Task[..., Any], run: TaskRun, state: State) -> None:
-    """One log line per finished task run, on the worker that ran it."""
-    took = ""
-    if run.start_time is not None:
-        took = f" in {(state.timestamp - run.start_time).total_seconds():.2f}s"
-    reason = f": {state.message}" if state.is_failed() and state.message else ""
-    log.info("%s %s%s%s", run.name, state.name, took, reason)
 
 
 def process_item(spec: dict[str, Any]) -> dict[str, Any]:
@@ -126,8 +117,8 @@ def crunch(batch: int, segments: int, span: int, processes: int | None = None) -
     name="heavy_batch",
     task_run_name="heavy-{batch}",
     result_storage=result_storage(),
-    on_completion=[_log_finished],
-    on_failure=[_log_finished],
+    on_completion=[log_finished],
+    on_failure=[log_finished],
 )
 def heavy_batch(batch: int, segments: int, span: int, compare_serial: bool = False) -> dict[str, Any]:
     """Heavy work, served by the heavy pool only: runs the process-pool subflow.

@@ -24,14 +24,22 @@ worker starts. What it fixes, each measured on prefect 3.8.8:
    process reached the API, a refused connection is retried with Prefect's usual
    backoff (5 retries: 2+4+8+16+32 s), so a `.delay()` made while the server restarts
    succeeds once it is back.
+3. **Every flow run ends up to 1 s late.** A flow run's heartbeat thread sleeps in
+   whole seconds and is joined when the run ends, so every flow run, a process-pool
+   subflow in a task worker included, returned on average ~0.5 s (at most 1 s) after
+   its work was done: ~10% of a batch of 40 items of 200 ms on 2 CPUs. Our heartbeat
+   thread emits the same heartbeats, at the same interval, and stops at once.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import threading
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 log = logging.getLogger("fanout.internals")
@@ -47,6 +55,7 @@ def install() -> None:
         return
     _install_waiter_poll()
     _install_connect_retry()
+    _install_prompt_heartbeats()
     _INSTALLED.set()
 
 
@@ -160,3 +169,45 @@ def _install_connect_retry() -> None:
 
     for cls in (PrefectHttpxAsyncClient, PrefectHttpxSyncClient):
         cls._has_connected = property(_has_connected_get, _has_connected_set)  # type: ignore[attr-defined]
+
+
+# -- 3. flow runs that end late ---------------------------------------------------------
+
+
+@contextmanager
+def prompt_heartbeats(engine: Any, join_on_exit: bool = True) -> Iterator[None]:
+    """Prefect's flow-run heartbeats (`PREFECT_FLOWS_HEARTBEAT_FREQUENCY`, default 180 s)
+    from a thread that stops as soon as the run's body is done, instead of within 1 s."""
+    seconds = engine.heartbeat_seconds
+    if seconds is None:
+        yield
+        return
+    resource, related = engine._build_heartbeat_event_template()
+    stop = threading.Event()
+
+    def beat() -> None:
+        while not stop.is_set():
+            run = engine.flow_run
+            if run is not None and run.state is not None and run.state.is_final():
+                return
+            try:
+                engine._emit_flow_run_heartbeat(resource, related)
+            except Exception:  # noqa: BLE001 - a missed heartbeat must not fail the run
+                log.debug("flow run heartbeat not sent", exc_info=True)
+            stop.wait(seconds)
+
+    # The thread sees this thread's settings (its API URL), as Prefect's does.
+    thread = threading.Thread(target=contextvars.copy_context().run, args=(beat,), daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        if join_on_exit:
+            thread.join(timeout=2)
+
+
+def _install_prompt_heartbeats() -> None:
+    import prefect.flow_engine
+
+    prefect.flow_engine._send_heartbeats = prompt_heartbeats  # type: ignore[assignment]

@@ -534,7 +534,7 @@ def main(argv: list[str] | None = None) -> None:
             for r in ours.user_strings(1000):
                 record(r)
             say("a user's process-pool subflow: serial vs ProcessPoolTaskRunner vs WarmProcessPoolTaskRunner")
-            extra["user_subflow"] = ours.user_subflow([(40, 200.0), (40, 32.0)])
+            extra["user_subflow"] = ours.user_subflow([(40, 200.0), (40, 500.0), (40, 32.0)])
     finally:
         ours.close()
         shutil.rmtree(root, ignore_errors=True)

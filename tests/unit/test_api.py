@@ -34,8 +34,8 @@ async def adouble(x: int) -> int:
 
 def test_a_small_fan_out_uses_every_live_slot() -> None:
     assert auto_chunk_size(10, slots=16) == 1  # 10 runs of 1: every item on its own slot
-    assert auto_chunk_size(64, slots=16) == 1
-    assert auto_chunk_size(65, slots=16) == 2
+    assert auto_chunk_size(16, slots=16) == 1
+    assert auto_chunk_size(17, slots=16) == 2  # one run per slot: Prefect's per-run cost paid 16 times
 
 
 def test_a_large_fan_out_amortises_the_per_run_cost() -> None:

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import time
 import uuid
 
+import prefect.flow_engine
 import pytest
 from prefect.client.base import PrefectHttpxAsyncClient, PrefectHttpxSyncClient
 from prefect.states import Completed
@@ -68,6 +70,42 @@ def test_has_connected_becomes_a_fact_of_the_process() -> None:
     a._has_connected = True  # what Prefect does after a first successful request
     b = PrefectHttpxSyncClient(base_url="http://127.0.0.1:9")
     assert b._has_connected, "a fresh client retries a refused connection once the process has connected"
+
+
+def test_flow_engines_still_send_heartbeats_through_the_function_we_replace() -> None:
+    internals.install()
+    assert prefect.flow_engine._send_heartbeats is internals.prompt_heartbeats
+    src = inspect.getsource(prefect.flow_engine)
+    assert src.count("with _send_heartbeats(self") >= 2, "the flow engines no longer call _send_heartbeats"
+    for name in ("heartbeat_seconds", "_build_heartbeat_event_template", "_emit_flow_run_heartbeat", "flow_run"):
+        assert hasattr(prefect.flow_engine.FlowRunEngine, name) or name in src, f"FlowRunEngine.{name} is gone"
+
+
+class _Engine:
+    """The part of a flow-run engine a heartbeat thread reads."""
+
+    heartbeat_seconds = 30
+    flow_run = None
+
+    def __init__(self) -> None:
+        self.beats = 0
+
+    def _build_heartbeat_event_template(self) -> tuple[dict, list]:
+        return {"prefect.resource.id": "prefect.flow-run.x"}, []
+
+    def _emit_flow_run_heartbeat(self, resource: dict, related: list) -> None:
+        self.beats += 1
+
+
+def test_a_flow_run_ends_as_soon_as_its_body_is_done() -> None:
+    engine = _Engine()
+    with internals.prompt_heartbeats(engine):
+        deadline = time.monotonic() + 10
+        while engine.beats == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert engine.beats == 1, "one heartbeat as the run starts, as Prefect sends"
+        t0 = time.perf_counter()
+    assert time.perf_counter() - t0 < 0.5, "the heartbeat thread held the run's end (Prefect's waits up to 1 s)"
 
 
 def test_process_pool_runner_internals_the_warm_pool_uses() -> None:

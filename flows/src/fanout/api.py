@@ -124,7 +124,12 @@ class _Stats:
 def auto_chunk_size(items: int | None, slots: int) -> int:
     """Items per task run: about RUNS_PER_SLOT task runs per live worker slot serving the
     function (at least one run per slot while items last), and at most
-    MAX_AUTO_TASK_RUNS runs in all; STREAM_CHUNK_SIZE when the count is unknown."""
+    MAX_AUTO_TASK_RUNS runs in all; STREAM_CHUNK_SIZE when the count is unknown.
+
+    One run per slot: each task run costs ~50 ms of submitter and server time on our
+    2-core machines, so fewer runs finish sooner (1,000 trivial items on 16 slots: 2.6 s
+    in 16 runs against 4.5 s in 63 with four per slot). The price is balance: a slot
+    that gets slow items is not helped by the others; pass `chunk_size` to choose."""
     if items is None:
         return settings.STREAM_CHUNK_SIZE
     runs = settings.MAX_AUTO_TASK_RUNS

@@ -33,7 +33,7 @@ WAIT_POLL_SECONDS = 2.0  # futures also poll their runs' states this often (FANO
 # -- the fan-out API (`fanout.fan_out`) ---------------------------------------------------
 UNSERVED_PATIENCE = 60.0  # seconds before a fan-out whose task no live worker serves is told so
 MAX_AUTO_TASK_RUNS = 100  # automatic chunking: at most this many task runs per fan-out...
-RUNS_PER_SLOT = 4  # ...and about this many per live worker slot, so every slot has work
+RUNS_PER_SLOT = 1  # ...and about this many per live worker slot (see fanout.api.auto_chunk_size)
 STREAM_CHUNK_SIZE = 100  # items per task run when the number of items is not known up front
 ITER_MAX_IN_FLIGHT = 1000  # fan_out_iter: task runs submitted and not yet finished, at most
 MAX_PARAMETER_BYTES = 1 << 20  # one task run's parameters, at most (FANOUT_MAX_PARAMETER_BYTES)

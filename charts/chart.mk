@@ -41,7 +41,7 @@ images: ## Build the runtime and PostgreSQL images (skipped when their inputs di
 	TAG=$(POSTGRES_IMAGE) images/postgres/build.sh >/dev/null
 	@echo "images: $(RUNTIME_IMAGE) $(POSTGRES_IMAGE)"
 
-chart-test: $(if $(wildcard $(HELM)),,tools) ## Chart tests: render, lint, reject bad values, validate against the Kubernetes OpenAPI schema (seconds)
+chart-test: $(if $(and $(wildcard $(HELM)),$(wildcard $(BIN_DIR)/kube-score)),,tools) ## Chart tests: render, lint, kube-score, reject bad values, validate against the Kubernetes OpenAPI schema (seconds)
 	cd tests && ../$(CHART_PYTHON) -m pytest chart -q
 
 chart-lint: $(if $(wildcard $(HELM)),,tools) ## helm lint the chart (defaults and kind values)

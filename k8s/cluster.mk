@@ -7,6 +7,7 @@ KIND_VERSION    ?= v0.30.0
 K8S_VERSION     ?= v1.33.13
 KUBECTL_VERSION ?= $(K8S_VERSION)
 HELM_VERSION    ?= v3.19.5
+KUBE_SCORE_VERSION ?= v1.20.0
 
 BIN_DIR      ?= $(CURDIR)/.bin
 FANOUT_CACHE ?= $(HOME)/.cache/fanout
@@ -27,8 +28,8 @@ CLUSTER_ENV := KIND=$(KIND) KUBECTL=$(KUBECTL) CLUSTER_NAME=$(CLUSTER_NAME) \
 
 .PHONY: tools docker base-images node-image cluster cluster-delete test-cluster
 
-tools: ## Install pinned kind, kubectl and helm into .bin/
-	$(K8S_SCRIPTS)/install-tools.sh $(BIN_DIR) $(KIND_VERSION) $(KUBECTL_VERSION) $(HELM_VERSION)
+tools: ## Install pinned kind, kubectl, helm and kube-score into .bin/
+	$(K8S_SCRIPTS)/install-tools.sh $(BIN_DIR) $(KIND_VERSION) $(KUBECTL_VERSION) $(HELM_VERSION) $(KUBE_SCORE_VERSION)
 
 docker: ## Make sure a Docker engine runs (installs and starts one if needed)
 	$(K8S_SCRIPTS)/docker-up.sh

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Put pinned kind, kubectl and helm into BIN_DIR, never trusting whatever is on PATH.
+# Put pinned kind, kubectl, helm and kube-score into BIN_DIR, never trusting whatever is
+# on PATH.
 #
-# Usage: install-tools.sh BIN_DIR KIND_VERSION KUBECTL_VERSION HELM_VERSION
+# Usage: install-tools.sh BIN_DIR KIND_VERSION KUBECTL_VERSION HELM_VERSION [KUBE_SCORE_VERSION]
 #
 # Where the official release hosts answer we download (and check the published sha256);
 # on our offline machines they don't, so we build from the Go module proxy instead. Either
@@ -9,7 +10,7 @@
 set -euo pipefail
 
 bin_dir=${1:?usage: install-tools.sh BIN_DIR KIND_VERSION KUBECTL_VERSION HELM_VERSION}
-kind_version=${2:?} kubectl_version=${3:?} helm_version=${4:?}
+kind_version=${2:?} kubectl_version=${3:?} helm_version=${4:?} kube_score_version=${5:-}
 here=$(cd "$(dirname "$0")" && pwd)
 cache=${FANOUT_CACHE:-$HOME/.cache/fanout}
 go=$("$(cd "$(dirname "$0")" && pwd)/ensure-go.sh")
@@ -60,6 +61,15 @@ install() { # name version
               tar -C "$tmp" -xzf "$tmp/helm.tgz" linux-amd64/helm
               mv "$tmp/linux-amd64/helm" "$cached"; rm -rf "$tmp" ;;
       helm:1) go_install "helm.sh/helm/v${version:1:1}/cmd/helm@$version" "$cached" ;;
+      kube-score:0) local tmp base="https://github.com/zegl/kube-score/releases/download/$version"
+              tmp=$(mktemp -d)
+              curl -fsSL --retry 3 -o "$tmp/ks.tgz" "$base/kube-score_${version#v}_linux_amd64.tar.gz"
+              curl -fsSL --retry 3 "$base/kube-score_${version#v}_checksums.txt" \
+                | awk -v f="kube-score_${version#v}_linux_amd64.tar.gz" '$2 == f {print $1 "  '"$tmp"'/ks.tgz"}' \
+                | sha256sum -c --quiet - >&2
+              tar -C "$tmp" -xzf "$tmp/ks.tgz" kube-score
+              mv "$tmp/kube-score" "$cached"; rm -rf "$tmp" ;;
+      kube-score:1) go_install "github.com/zegl/kube-score/cmd/kube-score@$version" "$cached" ;;
     esac
   fi
   if ! cmp -s "$cached" "$bin_dir/$name"; then
@@ -71,3 +81,4 @@ install() { # name version
 install kind "$kind_version"
 install kubectl "$kubectl_version"
 install helm "$helm_version"
+if [ -n "$kube_score_version" ]; then install kube-score "$kube_score_version"; fi

@@ -167,7 +167,7 @@ def test_defaults_deploy_the_whole_stack(render):
     assert docs.names("Secret") == {f"{FULL}-postgresql", AUTH_SECRET}
     assert docs.names("ServiceAccount") == {f"{FULL}-worker", REAPER}
     assert not docs.all("NetworkPolicy")
-    assert docs.names("Service") == {SERVER, f"{FULL}-postgresql"}
+    assert docs.names("Service") == {SERVER, f"{FULL}-postgresql", f"{FULL}-postgresql-hl"}  # -hl: headless
     assert docs.names("PersistentVolumeClaim") == {f"{FULL}-shared"}
     assert docs.names("PodDisruptionBudget") == {f"{FULL}-pool-light", f"{FULL}-pool-heavy"}
     hooks = {d["metadata"]["name"]: d["metadata"]["annotations"]["helm.sh/hook"] for d in docs.all("Job")}
@@ -185,8 +185,9 @@ def test_server_is_one_prefect_server_with_health_probes(render):
     assert env["PREFECT_API_DATABASE_CONNECTION_URL"] == {
         "secretKeyRef": {"name": f"{FULL}-postgresql", "key": "connection-url"}
     }
-    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+    for probe in ("startupProbe", "livenessProbe"):  # the API answers
         assert c[probe]["httpGet"] == {"path": "/api/health", "port": "http"}
+    assert c["readinessProbe"]["httpGet"] == {"path": "/api/ready", "port": "http"}  # ...and reaches its database
     assert {"name": "http", "containerPort": 4200, "protocol": "TCP"} in c["ports"]
     # Waits for PostgreSQL before starting (the server would crash-loop otherwise).
     (init,) = pod_spec(server)["initContainers"]
@@ -233,8 +234,8 @@ def test_pools_are_task_worker_deployments(render):
         assert env["FANOUT_HEALTH_PORT"] == "8080"
         assert env["PREFECT_API_URL"] == API_URL
         assert env["FANOUT_STORAGE"] == "/shared/fanout"
-        assert c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "health"}
-        assert c["readinessProbe"]["httpGet"] == {"path": "/healthz", "port": "health"}
+        assert c["livenessProbe"]["httpGet"] == {"path": "/livez", "port": "health"}  # its loop turns
+        assert c["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "health"}  # subscribed, not draining
         assert {"name": "health", "containerPort": 8080, "protocol": "TCP"} in c["ports"]
         assert {"name": "shared", "mountPath": "/shared"} in c["volumeMounts"]
         volumes = {v["name"]: v for v in pod_spec(dep)["volumes"]}
@@ -351,7 +352,10 @@ def test_reaper_is_one_pod_that_reaches_the_prefect_api_only(render):
     assert env_of(c) == {"PREFECT_API_URL": API_URL, "PREFECT_API_AUTH_STRING": AUTH_REF}
     assert {k: light[k] for k in env_of(c)} == env_of(c)
     assert [v["name"] for v in spec["volumes"]] == ["tmp"]
-    assert c["resources"] == {"requests": {"cpu": "50m", "memory": "192Mi"}, "limits": {"memory": "384Mi"}}
+    assert c["resources"] == {
+        "requests": {"cpu": "50m", "memory": "192Mi", "ephemeral-storage": "128Mi"},
+        "limits": {"memory": "384Mi", "ephemeral-storage": "2Gi"},
+    }
     assert "nodeSelector" not in spec and "tolerations" not in spec
 
 
@@ -374,7 +378,9 @@ def test_reaper_settings_come_from_values(render):
     assert spec["containers"][0]["command"][3:] == [
         "--interval", "5", "--stale-after", "60", "--max-deliveries", "7", "--fail-unserved-after", "120"
     ]  # fmt: skip
-    assert spec["containers"][0]["resources"]["requests"] == {"cpu": "20m", "memory": "192Mi"}  # merged by Helm
+    assert spec["containers"][0]["resources"]["requests"] == {
+        "cpu": "20m", "memory": "192Mi", "ephemeral-storage": "128Mi"
+    }  # merged by Helm  # fmt: skip
     assert spec["nodeSelector"] == {"tier": "system"}
     assert spec["tolerations"] == [toleration]
 
@@ -589,8 +595,8 @@ def test_api_auth_is_on_by_default_with_a_generated_secret(render):
     (server,) = pod_spec(docs.get("Deployment", SERVER))["containers"]
     assert env_of(server)["PREFECT_SERVER_API_AUTH_STRING"] == AUTH_REF
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-        # Prefect exempts GET /api/health from auth: the probes need no header.
-        assert server[probe]["httpGet"] == {"path": "/api/health", "port": "http"}
+        # Prefect exempts GET /api/health and /api/ready from auth: the probes need no header.
+        assert server[probe]["httpGet"]["path"] in ("/api/health", "/api/ready")
     clients = api_clients(docs)
     assert set(clients) == {
         f"Deployment/{FULL}-pool-light/worker",

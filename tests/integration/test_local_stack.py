@@ -199,7 +199,10 @@ def test_a_worker_started_before_the_server_waits_for_it(stack: LocalStack) -> N
         "worker-early", argv, stack.env("worker-early", PREFECT_API_URL=f"http://127.0.0.1:{api}/api"), port
     )
     wait_until(lambda: "waiting for the Prefect API" in w.output(), 60, "the worker to wait", w.popen)
+    assert httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=5).status_code == 503  # no runs for it yet
     assert httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=5).status_code == 503
+    live = httpx.get(f"http://127.0.0.1:{port}/livez", timeout=5)  # but alive: not to be restarted
+    assert live.status_code == 200 and live.json()["ok"], live.text
     w.popen.send_signal(signal.SIGTERM)
     assert w.popen.wait(timeout=30) == 0, w.output()[-2000:]
     assert "Traceback" not in w.output()

@@ -20,6 +20,7 @@ def _env_float(name: str, default: float) -> float:
 # -- task workers (`python -m fanout.worker`) -------------------------------------------
 WORKER_LIMIT = 10  # task runs at once per worker (FANOUT_WORKER_LIMIT)
 HEARTBEAT_SECONDS = 5.0  # between worker heartbeats (FANOUT_HEARTBEAT_SECONDS)
+LOOP_STALL_SECONDS = 60.0  # /livez fails once the worker's event loop has not turned this long
 
 # -- the reaper (`python -m fanout.reaper`) ---------------------------------------------
 REAPER_INTERVAL = 10.0  # seconds between sweeps

@@ -2,8 +2,10 @@
 
 Serves exactly the tasks named (`module:attribute`: a Prefect task, which it serves for
 plain `.delay()` and for `fanout.fan_out`, or a plain function, for `fanout.fan_out`)
-with a concurrency limit, and answers Kubernetes probes on `/healthz` (alive and
-subscribed) and `/status` (JSON) at a configurable address. `--pool` only names the pool
+with a concurrency limit, and answers Kubernetes probes at a configurable address:
+`/readyz` (subscribed and not draining: give me runs; `/healthz` is the same), `/livez`
+(its event loop still turns: a worker that only lost the server for a while is not
+restarted for it) and `/status` (JSON). `--pool` only names the pool
 in logs and heartbeats.
 
 It differs from Prefect's stock `TaskWorker` in one deliberate way: it takes a slot
@@ -85,6 +87,7 @@ class FanoutWorker(TaskWorker):
         self._executor = RunThreads(max_workers=limit)
         self.pool = pool
         self.connected = False
+        self.loop_tick = time.monotonic()  # last turn of the event loop (/livez)
         self._intake: anyio.CancelScope | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._free_since: float | None = None
@@ -184,6 +187,12 @@ class FanoutWorker(TaskWorker):
             ts=now,
         )
 
+    async def tick_loop(self, interval: float = 1.0) -> None:
+        """Mark that the event loop turns, for /livez, until cancelled."""
+        while True:
+            self.loop_tick = time.monotonic()
+            await asyncio.sleep(interval)
+
     async def heartbeat_loop(self, interval: float) -> None:
         """Publish the heartbeat every `interval` seconds until cancelled."""
         name = variable_name(self.client_id)
@@ -224,9 +233,13 @@ def serve_health(worker: FanoutWorker, host: str, port: int) -> ThreadingHTTPSer
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
             status = worker.status()
-            healthy = worker.started and worker.connected and not worker.stopping
-            if self.path == "/healthz":
-                code, body = (200 if healthy else 503), {"ok": healthy}
+            ready = worker.started and worker.connected and not worker.stopping
+            if self.path in ("/readyz", "/healthz"):
+                code, body = (200 if ready else 503), {"ok": ready}
+            elif self.path == "/livez":
+                stalled = time.monotonic() - worker.loop_tick
+                alive = stalled < settings.LOOP_STALL_SECONDS
+                code, body = (200 if alive else 503), {"ok": alive, "loop_stalled_seconds": round(stalled, 1)}
             elif self.path == "/status":
                 code, body = 200, status
             else:
@@ -318,6 +331,7 @@ async def run(args: argparse.Namespace, tasks: list[Task[..., Any]]) -> None:
     health = serve_health(worker, args.health_host, args.health_port)
     log.info("health endpoint on http://%s:%d/healthz", *health.server_address[:2])
     signal.signal(signal.SIGTERM, worker.handle_sigterm)  # also while waiting for the server
+    ticker = asyncio.create_task(worker.tick_loop())
     try:
         # A pod may start before the server does; entering the client contexts below
         # checks the server's version, so wait for it first.
@@ -337,6 +351,7 @@ async def run(args: argparse.Namespace, tasks: list[Task[..., Any]]) -> None:
                     beat.cancel()
                     await worker.clear_heartbeat()
     finally:
+        ticker.cancel()
         health.shutdown()
         log.info("worker %s stopped after %d task runs", worker.client_id, sum(worker.finished_task_runs.values()))
 

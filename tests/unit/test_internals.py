@@ -109,9 +109,28 @@ def test_a_flow_run_ends_as_soon_as_its_body_is_done() -> None:
 
 
 def test_process_pool_runner_internals_the_warm_pool_uses() -> None:
+    # fanout.processpool._Submitter is ProcessPoolTaskRunner.submit (3.9.1) with the run
+    # context given instead of serialised per submit: what it calls must still exist.
+    from prefect._internal.uuid7 import uuid7
+    from prefect.task_runners import _ChainedFuture, _UnpicklingFuture
+
+    assert callable(uuid7) and _ChainedFuture and _UnpicklingFuture
     runner = ProcessPoolTaskRunner(max_workers=2)
-    for attr in ("_cached_context", "_cached_env", "_executor", "_max_workers", "_initializer", "_initargs"):
+    for attr in ("_executor", "_resolver_executor", "_started", "_max_workers", "_initializer", "_initargs"):
         assert hasattr(runner, attr), f"ProcessPoolTaskRunner.{attr} is gone: fanout.processpool needs updating"
+    params = inspect.signature(ProcessPoolTaskRunner._resolve_futures_and_submit).parameters
+    assert list(params) == [
+        "self",
+        "task",
+        "task_run_id",
+        "parameters",
+        "wait_for",
+        "dependencies",
+        "context",
+        "env",
+    ], "ProcessPoolTaskRunner._resolve_futures_and_submit changed: fanout.processpool needs updating"
+    source = inspect.getsource(ProcessPoolTaskRunner.submit)
+    assert "self._resolver_executor.submit(" in source and "_UnpicklingFuture(chained_future)" in source
 
 
 def test_without_settings_drops_only_the_senders_settings() -> None:

@@ -60,8 +60,9 @@ def test_an_oversized_call_refuses_the_whole_batch_naming_the_call() -> None:
 
 def test_process_pool_runner_internals_the_warm_pool_relies_on() -> None:
     # fanout_demo.tasks keeps one started ProcessPoolTaskRunner per process and refreshes its
-    # cached run context per batch; a Prefect upgrade that renames these must fail here.
+    # run context per batch (fanout.processpool.submitting_to); a Prefect upgrade that renames these must fail here.
     from prefect.task_runners import ProcessPoolTaskRunner
 
     runner = ProcessPoolTaskRunner(max_workers=1)
-    assert hasattr(runner, "_cached_context") and hasattr(runner, "_cached_env") and hasattr(runner, "_executor")
+    assert hasattr(runner, "_resolver_executor") and hasattr(runner, "_resolve_futures_and_submit")
+    assert hasattr(runner, "_executor")

@@ -21,7 +21,7 @@ from prefect.context import serialize_context
 from fanout.chunks import log_finished
 from fanout.cpu import available_cpus
 from fanout.internals import without_settings
-from fanout.processpool import discard_pool, process_pool
+from fanout.processpool import discard_pool, process_pool, submitting_to
 from fanout.storage import result_storage
 from fanout_demo import workload
 
@@ -87,12 +87,8 @@ def crunch(batch: int, segments: int, span: int, processes: int | None = None) -
     n = processes or available_cpus()
     t0 = time.perf_counter()
     parts = workload.batch_segments(batch, segments, span)
-    runner, lock = process_pool(n)
-    with lock:
-        # The runner caches the serialised run context per lifecycle; this batch's task
-        # runs belong to this flow run, so refresh it. The pool's processes were started
-        # from this one and have its environment.
-        runner._cached_context, runner._cached_env = without_settings(serialize_context()), dict(os.environ)
+    # This batch's task runs belong to this flow run: its context, serialised once.
+    with submitting_to(process_pool(n), without_settings(serialize_context())) as runner:
         futures = [runner.submit(count_segments, {"ranges": g}) for g in group_segments(parts, n)]
     try:
         done = [f.result() for f in futures]

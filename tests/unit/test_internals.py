@@ -109,7 +109,7 @@ def test_a_flow_run_ends_as_soon_as_its_body_is_done() -> None:
 
 
 def test_process_pool_runner_internals_the_warm_pool_uses() -> None:
-    # fanout.processpool._Submitter is ProcessPoolTaskRunner.submit (3.9.1) with the run
+    # fanout.internals.ContextSubmitter is ProcessPoolTaskRunner.submit (3.9.1) with the run
     # context given instead of serialised per submit: what it calls must still exist.
     from prefect._internal.uuid7 import uuid7
     from prefect.task_runners import _ChainedFuture, _UnpicklingFuture
@@ -117,7 +117,9 @@ def test_process_pool_runner_internals_the_warm_pool_uses() -> None:
     assert callable(uuid7) and _ChainedFuture and _UnpicklingFuture
     runner = ProcessPoolTaskRunner(max_workers=2)
     for attr in ("_executor", "_resolver_executor", "_started", "_max_workers", "_initializer", "_initargs"):
-        assert hasattr(runner, attr), f"ProcessPoolTaskRunner.{attr} is gone: fanout.processpool needs updating"
+        assert hasattr(runner, attr), (
+            f"ProcessPoolTaskRunner.{attr} is gone: update fanout.internals"
+        )
     params = inspect.signature(ProcessPoolTaskRunner._resolve_futures_and_submit).parameters
     assert list(params) == [
         "self",

@@ -29,6 +29,12 @@ worker starts. What it fixes, each measured on prefect 3.8.8:
    subflow in a task worker included, returned on average ~0.5 s (at most 1 s) after
    its work was done: ~10% of a batch of 40 items of 200 ms on 2 CPUs. Our heartbeat
    thread emits the same heartbeats, at the same interval, and stops at once.
+4. **A process pool's task runs each carry the sender's settings.** Since 3.9,
+   `ProcessPoolTaskRunner.submit` serialises the run context, settings included, on every
+   submit, and each pool process rebuilds a Settings object from them per task run.
+   `ContextSubmitter` submits with a context serialised once per flow run, without
+   settings (`without_settings`), and this process's environment (see
+   `fanout.processpool`).
 """
 
 from __future__ import annotations
@@ -211,3 +217,38 @@ def _install_prompt_heartbeats() -> None:
     import prefect.flow_engine
 
     prefect.flow_engine._send_heartbeats = prompt_heartbeats  # type: ignore[assignment]
+
+
+# -- 4. process-pool submissions with a context serialised once ------------------------
+
+
+class ContextSubmitter:
+    """Submits task runs to a started `ProcessPoolTaskRunner` with the serialised run
+    `context` and `env` given, instead of serialising them again on every submit."""
+
+    def __init__(self, runner: Any, context: dict[str, Any], env: dict[str, str]) -> None:
+        self.runner, self.context, self.env = runner, context, env
+
+    def submit(self, task: Any, parameters: dict[str, Any], wait_for: Any = None, dependencies: Any = None) -> Any:
+        """`ProcessPoolTaskRunner.submit` minus its per-submit `serialize_context()`."""
+        from prefect._internal.uuid7 import uuid7
+        from prefect.futures import PrefectConcurrentFuture
+        from prefect.task_runners import _ChainedFuture, _UnpicklingFuture
+
+        runner = self.runner
+        if not runner._started or runner._executor is None or runner._resolver_executor is None:
+            raise RuntimeError("Task runner is not started")
+        task_run_id = uuid7()
+        resolution = runner._resolver_executor.submit(
+            runner._resolve_futures_and_submit,
+            task=task,
+            task_run_id=task_run_id,
+            parameters=parameters,
+            wait_for=wait_for,
+            dependencies=dependencies,
+            context=self.context,
+            env=self.env,
+        )
+        return PrefectConcurrentFuture(
+            task_run_id=task_run_id, wrapped_future=_UnpicklingFuture(_ChainedFuture(resolution))
+        )

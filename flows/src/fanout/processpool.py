@@ -38,7 +38,7 @@ from prefect.context import SyncClientContext, serialize_context
 from prefect.task_runners import ProcessPoolTaskRunner
 
 from fanout.cpu import available_cpus
-from fanout.internals import without_settings
+from fanout.internals import ContextSubmitter, without_settings
 
 log = logging.getLogger("fanout.worker")
 
@@ -126,46 +126,10 @@ def process_pool(
         return _WARM_POOLS[key]
 
 
-class _Submitter:
-    """Submits task runs to a kept pool's runner with a context serialised once.
-
-    Since prefect 3.9 `ProcessPoolTaskRunner.submit` serialises the run context, the
-    sender's settings included, on every submit (3.8 cached it in `_cached_context`, which
-    we set per flow run), and each pool process rebuilds a Settings object from them per
-    task run. (Swapping `prefect.context.serialize_context` for the submit instead made
-    the submission fail: "cannot pickle '_contextvars.ContextVar' object".)"""
-
-    def __init__(self, runner: ProcessPoolTaskRunner, context: dict[str, Any], env: dict[str, str]) -> None:
-        self.runner, self.context, self.env = runner, context, env
-
-    def submit(self, task: Any, parameters: dict[str, Any], wait_for: Any = None, dependencies: Any = None) -> Any:
-        """`ProcessPoolTaskRunner.submit` (prefect 3.9.1) minus its per-submit
-        `serialize_context()`: the context and environment are the ones given."""
-        from prefect._internal.uuid7 import uuid7
-        from prefect.futures import PrefectConcurrentFuture
-        from prefect.task_runners import _ChainedFuture, _UnpicklingFuture
-
-        runner = self.runner
-        if not runner._started or runner._executor is None or runner._resolver_executor is None:
-            raise RuntimeError("Task runner is not started")
-        task_run_id = uuid7()
-        resolution = runner._resolver_executor.submit(
-            runner._resolve_futures_and_submit,
-            task=task,
-            task_run_id=task_run_id,
-            parameters=parameters,
-            wait_for=wait_for,
-            dependencies=dependencies,
-            context=self.context,
-            env=self.env,
-        )
-        return PrefectConcurrentFuture(
-            task_run_id=task_run_id, wrapped_future=_UnpicklingFuture(_ChainedFuture(resolution))
-        )
-
-
 @contextmanager
-def submitting_to(kept: tuple[ProcessPoolTaskRunner, threading.Lock], context: dict[str, Any]) -> Iterator[_Submitter]:
+def submitting_to(
+    kept: tuple[ProcessPoolTaskRunner, threading.Lock], context: dict[str, Any]
+) -> Iterator[ContextSubmitter]:
     """Something to submit task runs of the run whose serialised `context` is given to
     the kept pool (one serialisation for all of them, without the sender's settings),
     under the pool's lock. The pool's processes were started from this one and use their
@@ -173,7 +137,7 @@ def submitting_to(kept: tuple[ProcessPoolTaskRunner, threading.Lock], context: d
     environment, not one rebuilt from its settings object."""
     runner, lock = kept
     with lock:
-        yield _Submitter(runner, context, dict(os.environ))
+        yield ContextSubmitter(runner, context, dict(os.environ))
 
 
 def close_process_pools() -> None:

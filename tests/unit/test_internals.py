@@ -117,9 +117,7 @@ def test_process_pool_runner_internals_the_warm_pool_uses() -> None:
     assert callable(uuid7) and _ChainedFuture and _UnpicklingFuture
     runner = ProcessPoolTaskRunner(max_workers=2)
     for attr in ("_executor", "_resolver_executor", "_started", "_max_workers", "_initializer", "_initargs"):
-        assert hasattr(runner, attr), (
-            f"ProcessPoolTaskRunner.{attr} is gone: update fanout.internals"
-        )
+        assert hasattr(runner, attr), f"ProcessPoolTaskRunner.{attr} is gone: update fanout.internals"
     params = inspect.signature(ProcessPoolTaskRunner._resolve_futures_and_submit).parameters
     assert list(params) == [
         "self",

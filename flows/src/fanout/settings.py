@@ -52,6 +52,11 @@ SERVER_SETTINGS = {
     "PREFECT_SERVER_SERVICES_EVENT_PERSISTER_FLUSH_INTERVAL": "1",
     "PREFECT_SERVER_DATABASE_SQLALCHEMY_POOL_SIZE": "20",
     "PREFECT_SERVER_DATABASE_SQLALCHEMY_MAX_OVERFLOW": "20",
+    # Prefect's own database vacuum: besides old events (its default), flow runs that ended
+    # more than 14 days ago, with their task runs (a fan-out's runs belong to its parent
+    # flow run), states, logs and artifacts. Prefect keeps them 90 days and deletes none.
+    "PREFECT_SERVER_SERVICES_DB_VACUUM_ENABLED": "events,flow_runs",
+    "PREFECT_SERVER_SERVICES_DB_VACUUM_RETENTION_PERIOD": str(14 * 24 * 3600),
 }
 
 

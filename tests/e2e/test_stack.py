@@ -1,6 +1,7 @@
 """The whole stack on the kind cluster: `helm install` of charts/fanout, fan-outs through the
-task-worker pods, scaling and disruption mid-run, a heavy subflow in a 2-CPU pod, RBAC,
-upgrade, uninstall and bad values.
+task-worker pods, scaling and disruption mid-run, a heavy subflow in a 2-CPU pod, RBAC, the
+user's own code (a pool, a deployment of their CPU-heavy flow, their fan-out in the Prefect
+UI in headless Chromium), upgrade, uninstall and bad values.
 
 One release serves the tests of this module in order (installing it takes minutes on our
 2-core machines). The runtime image must be built and loaded into the cluster already:

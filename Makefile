@@ -65,8 +65,20 @@ test-integration: install ## Integration tests on a real local Prefect server an
 .PHONY: test
 test: lint test-unit chart-test test-integration ## Everything that needs no cluster: lint, unit, chart, integration
 
+.PHONY: browser
+browser: ## Headless Chromium and its driver for the UI e2e test (Debian's chromium + chromium-driver, same version)
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+	      chromium chromium-driver fonts-liberation >/dev/null; \
+	  else echo "error: the UI e2e test needs Chromium and its driver (apt-get install chromium chromium-driver)" >&2; exit 1; fi; }
+	@browser=$$(chromium --version 2>/dev/null | awk '{print $$2}'); driver=$$(chromedriver --version | awk '{print $$2}'); \
+	if [ "$$browser" != "$$driver" ]; then \
+	  echo "error: chromium $$browser and chromedriver $$driver differ: upgrade both (apt-get install chromium chromium-driver)" >&2; exit 1; fi; \
+	echo "browser: chromium + chromedriver $$browser"
+
 .PHONY: e2e
-e2e: install cluster images ## The whole stack on a local kind cluster: tools, cluster, images, load, chart e2e tests
+e2e: install cluster images browser ## The whole stack on a local kind cluster: tools, cluster, images, load, chart e2e tests
 	$(KIND) load docker-image --name $(CLUSTER_NAME) $(RUNTIME_IMAGE) $(POSTGRES_IMAGE)
 	cd tests && KIND=$(KIND) KUBECTL=$(KUBECTL) HELM=$(HELM) CLUSTER_NAME=$(CLUSTER_NAME) \
 	  FANOUT_RUNTIME_IMAGE=$(RUNTIME_IMAGE) $(PY) -m pytest -v $(or $(E2E_ARGS),e2e)

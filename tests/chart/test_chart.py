@@ -16,7 +16,7 @@ from uuid import uuid4
 
 import pytest
 import yaml
-from conftest import CHART, K8S_VERSION, NAMESPACE, RELEASE
+from conftest import CHART, K8S_VERSION, NAMESPACE, RELEASE, Rendered
 
 from fanout import settings
 from fanout.settings import SERVER_SETTINGS
@@ -54,6 +54,29 @@ HOSTPATH = {"storage": {"type": "hostPath", "hostPath": {"path": "/mnt/fanout"}}
 NO_AUTH_NO_REAPER = {"auth": {"enabled": False}, "reaper": {"enabled": False}}
 LOCKED_DOWN = {"auth": {"existingSecret": "team-auth"}, "networkPolicy": {"enabled": True}}
 KIND = yaml.safe_load((CHART / "ci" / "kind-values.yaml").read_text())
+LARGE = {"fanout.io/pool": "large"}
+LARGE_TOLERATION = {"key": "fanout.io/pool", "operator": "Equal", "value": "large", "effect": "NoSchedule"}
+CRUNCH = {"name": "crunch", "entrypoint": "fanout_demo.tasks:crunch", "jobVariables": {}}
+USER_DEPLOYMENTS = {
+    "deployments": [
+        CRUNCH,
+        {
+            "name": "heavy-user",
+            "entrypoint": "userwork.heavy:cpu_census",
+            "image": "myrepo/mywork:1",
+            "jobVariables": {
+                "cpu_request": "2",
+                "cpu_limit": "2",
+                "memory_request": "1Gi",
+                "memory_limit": "1Gi",
+                "node_selector": LARGE,
+                "tolerations": [LARGE_TOLERATION],
+                "env": {"MYWORK_MODE": "fast"},
+            },
+        },
+        {"name": "script", "entrypoint": "/opt/flows/report.py:nightly", "flowName": "nightly", "description": "x"},
+    ]
+}
 VALUE_SETS = {
     "defaults": None,
     "external-db": EXTERNAL_DB,
@@ -65,6 +88,7 @@ VALUE_SETS = {
     "kind": KIND,
     "no-auth-no-reaper": NO_AUTH_NO_REAPER,
     "locked-down": LOCKED_DOWN,
+    "user-deployments": USER_DEPLOYMENTS,
 }
 
 
@@ -525,6 +549,69 @@ def test_base_job_template_defaults_come_from_values(render):
     assert props["namespace"]["default"] == NAMESPACE
 
 
+# --- deployments ------------------------------------------------------------------------
+
+
+def _setup_cfg(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    return json.loads(Rendered(docs).get("ConfigMap", f"{FULL}-setup")["data"]["setup.json"])
+
+
+def _template_of(cfg: dict[str, Any]) -> dict[str, Any]:
+    from prefect_kubernetes.worker import KubernetesWorker
+
+    return _setup_module().base_job_template(cfg, KubernetesWorker.get_default_base_job_template())
+
+
+def test_the_default_deployment_is_the_demos_crunch(render):
+    """With default values the hook registers exactly what it did before: `crunch` from the
+    runtime image, with the work pool's defaults for its pods."""
+    pytest.importorskip("prefect_kubernetes")
+    cfg = _setup_cfg(render())
+    assert cfg["deployments"] == [CRUNCH]
+    assert _setup_module().deployment_entries(cfg, _template_of(cfg)) == [{**CRUNCH, "image": "fanout/runtime:0.1.0"}]
+    assert _setup_cfg(render({"deployments": []}))["deployments"] == []
+
+
+def test_user_deployments_reach_the_setup_hook_with_their_image_and_job_variables(render, openapi):
+    """Each entry of `deployments` reaches the hook; its job variables, merged over the work
+    pool's defaults the way the Kubernetes worker merges them, make a valid Job: a 2-CPU pod
+    on the large node, in the entry's own image."""
+    pytest.importorskip("prefect_kubernetes")
+    from prefect.client.schemas.objects import FlowRun
+    from prefect_kubernetes.worker import KubernetesWorkerJobConfiguration
+
+    cfg = _setup_cfg(render(USER_DEPLOYMENTS))
+    assert cfg["deployments"] == USER_DEPLOYMENTS["deployments"]
+    template = _template_of(cfg)
+    entries = {e["name"]: e for e in _setup_module().deployment_entries(cfg, template)}
+    assert entries["crunch"]["image"] == entries["script"]["image"] == "fanout/runtime:0.1.0"
+    user = entries["heavy-user"]
+    assert user["image"] == "myrepo/mywork:1"
+    values = {**user["jobVariables"], "image": user["image"]}
+    job_config = asyncio.run(
+        KubernetesWorkerJobConfiguration.from_template_and_values(template, values, client=object())
+    )
+    job_config.prepare_for_flow_run(FlowRun(flow_id=uuid4(), name="user-run"))
+    job = job_config.job_manifest
+    assert not openapi.errors(job), openapi.errors(job)
+    spec = job["spec"]["template"]["spec"]
+    (c,) = spec["containers"]
+    assert c["image"] == "myrepo/mywork:1"
+    assert c["resources"] == {"requests": {"cpu": "2", "memory": "1Gi"}, "limits": {"cpu": "2", "memory": "1Gi"}}
+    assert spec["nodeSelector"] == LARGE and spec["tolerations"] == [LARGE_TOLERATION]
+    assert env_of(c)["MYWORK_MODE"] == "fast"
+    assert env_of(c)["PREFECT_PLUGINS_ENABLED"] == "true"  # the release's own environment stays
+    assert spec["securityContext"]["runAsNonRoot"] is True and spec["automountServiceAccountToken"] is False
+
+
+def test_setup_hook_names_a_job_variable_the_work_pool_does_not_know(render):
+    pytest.importorskip("prefect_kubernetes")
+    cfg = _setup_cfg(render())
+    cfg["deployments"] = [{"name": "x", "entrypoint": "a.b:c", "jobVariables": {"cpu_limt": "2"}}]
+    with pytest.raises(SystemExit, match=r"deployments\[0\] \(x\): job variable\(s\) cpu_limt not in"):
+        _setup_module().deployment_entries(cfg, _template_of(cfg))
+
+
 def test_flow_run_jobs_read_the_auth_string_from_the_secret(render, openapi, monkeypatch):
     """What the Kubernetes worker does with its own PREFECT_API_AUTH_STRING: it copies it
     into every flow-run Job (in place of the template's entry) and, with the secret name
@@ -747,6 +834,27 @@ BAD_VALUES = [
     ({"pools": {"heavy": {"warmProcessPool": "lots"}}}, "/pools/heavy/warmProcessPool"),
     ({"pools": {"mine": {"tasks": ["not a task"]}}}, "/pools/mine/tasks/0"),
     ({"imagePools": ["light"]}, "'imagePools' not allowed"),
+    ({"deployments": [{"name": "user"}]}, "at '/deployments/0': missing property 'entrypoint'"),
+    ({"deployments": [{"entrypoint": "a.b:c"}]}, "at '/deployments/0': missing property 'name'"),
+    ({"deployments": [{"name": "u", "entrypoint": "a.b.c"}]}, "/deployments/0/entrypoint"),
+    ({"deployments": [{"name": "u", "entrypoint": "flows/x.py:f"}]}, "/deployments/0/entrypoint"),
+    ({"deployments": [{"name": "a/b", "entrypoint": "a.b:c"}]}, "/deployments/0/name"),
+    ({"deployments": [{"name": "u", "entrypoint": "a.b:c", "cpus": 2}]}, "'cpus' not allowed"),
+    (
+        {"deployments": [{"name": "u", "entrypoint": "a.b:c", "jobVariables": {"cpuLimit": "2"}}]},
+        "'cpuLimit' not allowed",
+    ),
+    (
+        {"deployments": [{"name": "u", "entrypoint": "a.b:c", "jobVariables": {"cpu_limit": 2}}]},
+        "/deployments/0/jobVariables/cpu_limit",
+    ),
+    ({"deployments": [{"name": "u", "entrypoint": "a.b:c", "jobVariables": {"image": "x:1"}}]}, "'image' not allowed"),
+    (
+        {"deployments": [{"name": "u", "entrypoint": "a.b:c", "jobVariables": {"namespace": "kube-system"}}]},
+        "'namespace' not allowed",
+    ),
+    ({"deployments": {"crunch": {"entrypoint": "a.b:c"}}}, "/deployments"),
+    ({"deployments": [CRUNCH, CRUNCH]}, 'deployments[1].name "crunch" is used more than once'),
 ]
 
 
@@ -766,6 +874,11 @@ def test_bad_values_are_rejected_naming_the_value(values, message, render_error)
         ({"reaper": {"maxDeliveries": 0}}, "reaper.maxDeliveries must be >= 1"),
         ({"reaper": {"staleAfter": 14}}, "reaper.staleAfter must be at least 3 times"),
         ({"pools": {"bogus": {"replicas": 1}}}, "pools.bogus.tasks is required"),
+        ({"deployments": [{"entrypoint": "a.b:c"}]}, "deployments[0].name is required"),
+        ({"deployments": [{"name": "u"}]}, 'deployments[0] (u): entrypoint "" must be package.module:flow'),
+        ({"deployments": [{"name": "u", "entrypoint": "a.b.c"}]}, 'entrypoint "a.b.c" must be'),
+        ({"deployments": [{"name": "u", "entrypoint": "a.b:c", "cpus": 2}]}, "deployments[0].cpus is not a"),
+        ({"deployments": ["crunch"]}, "deployments[0] must be a mapping"),
     ],
 )
 def test_template_validation_also_names_the_value_without_the_schema(values, message, render_error):

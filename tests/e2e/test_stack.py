@@ -1,6 +1,7 @@
 """The whole stack on the kind cluster: `helm install` of charts/fanout, fan-outs through the
-task-worker pods, scaling and disruption mid-run, a heavy subflow in a 2-CPU pod, RBAC,
-upgrade, uninstall and bad values.
+task-worker pods, scaling and disruption mid-run, a heavy subflow in a 2-CPU pod, RBAC, the
+user's own code (a pool, a deployment of their CPU-heavy flow, their fan-out in the Prefect
+UI in headless Chromium), upgrade, uninstall and bad values.
 
 One release serves the tests of this module in order (installing it takes minutes on our
 2-core machines). The runtime image must be built and loaded into the cluster already:
@@ -9,18 +10,30 @@ One release serves the tests of this module in order (installing it takes minute
 
 from __future__ import annotations
 
+import base64
+import contextlib
 import copy
 import json
 import os
 import re
 import subprocess
+import tempfile
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+from e2e_browser import (
+    free_port,
+    headless_chromium,
+    log_in_to_prefect_ui,
+    port_forward,
+    screenshot,
+    task_runs_of_flow_run,
+)
 from e2e_kube import BIN_DIR, CLUSTER_NAME, REPO, Cluster, build_image, eventually, scaled
 
 from fanout_demo.workload import checksum_item
@@ -45,6 +58,10 @@ class Stack:
     cluster: Cluster
     namespace: str
     image: tuple[str, str]
+    # Set once the release runs the user's image (user_release): its image, and the local
+    # port the browser reaches the server on (server.uiApiUrl names it).
+    user: tuple[str, str] | None = None
+    ui_port: int = 0
 
     def helm(self, *args: str, check: bool = True, timeout: float = 900) -> subprocess.CompletedProcess[str]:
         cmd = [HELM, "--kubeconfig", self.cluster.kubeconfig, "-n", self.namespace, *args]
@@ -317,21 +334,65 @@ def worker_status(stack: Stack, pod: str) -> dict[str, Any]:
     return json.loads(r.stdout) if r.returncode == 0 else {}
 
 
+USER_TASKS = ["userwork.tasks:square", "userwork.bulk:slow_shout", "userwork.bulk:shout"]
+LARGE_NODE = {
+    "node_selector": {"fanout.io/pool": "large"},
+    "tolerations": [{"key": "fanout.io/pool", "operator": "Equal", "value": "large", "effect": "NoSchedule"}],
+}
+
+
+def user_release(stack: Stack) -> tuple[str, str]:
+    """Upgrade the release, once per module, to the user's image with the user's values: a
+    pool serving the user's functions, the user's CPU-heavy flow as a deployment next to
+    the demo's `crunch` (`deployments`), and the UI's API URL on a local port for the
+    browser. The tests after the user's ones upgrade back to the runtime image."""
+    if stack.user:
+        return stack.user
+    repo, tag = user_image(stack)
+    stack.ui_port = free_port()
+    values = {
+        "pools": {"user": {"replicas": 2, "limit": 4, "tasks": USER_TASKS}},
+        "deployments": [
+            {"name": "crunch", "entrypoint": "fanout_demo.tasks:crunch"},
+            {
+                "name": "user-census",
+                "entrypoint": "userwork.heavy:cpu_census",
+                "image": f"{repo}:{tag}",
+                "description": "the user's CPU-heavy flow in a 2-CPU pod on the large node",
+                # Finished flow-run Jobs are deleted after 120 s (kind values: 30 s): time to
+                # inspect the pod, and still gone long before the uninstall test looks.
+                "jobVariables": {
+                    "cpu_request": "2",
+                    "cpu_limit": "2",
+                    "memory_request": "1Gi",
+                    "memory_limit": "1Gi",
+                    **LARGE_NODE,
+                    "finished_job_ttl": 120,
+                },
+            },
+        ],
+        "server": {"uiApiUrl": f"http://127.0.0.1:{stack.ui_port}/api"},
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp, "user-values.yaml")
+        path.write_text(yaml.safe_dump(values))
+        stack.helm(
+            "upgrade", RELEASE, str(CHART), "-f", str(KIND_VALUES), "-f", str(path),
+            "--set", f"image.repository={repo}", "--set", f"image.tag={tag}",
+            "--wait", "--wait-for-jobs", "--timeout", f"{int(scaled(900))}s", timeout=960,
+        )  # fmt: skip
+    eventually(lambda: len(stack.ready_pods("fanout.io/pool=user")) == 2, timeout=300, message="user pool ready")
+    stack.user = (repo, tag)
+    return stack.user
+
+
 def test_a_pool_of_the_users_own_code_loses_nothing_when_a_busy_pod_is_force_deleted(stack: Stack) -> None:
     """A chart pool with `tasks:` naming the user's code (in their own image, which the
     chart has never seen). Two of the user's flows run at once, each from a Job: one fans
     out with Prefect's plain `.delay()` and `.result()`, one through our public API
     (`fanout.fan_out`); a busy pod of the pool is force-deleted mid-run: every item of
     both correct, exactly once, and neither flow sees an error."""
-    repo, tag = user_image(stack)
-    stack.helm(
-        "upgrade", RELEASE, str(CHART), "-f", str(KIND_VALUES),
-        "--set", f"image.repository={repo}", "--set", f"image.tag={tag}",
-        "--set", "pools.user.replicas=2", "--set", "pools.user.limit=4",
-        "--set", "pools.user.tasks={userwork.tasks:square,userwork.bulk:slow_shout}",
-        "--wait", "--timeout", f"{int(scaled(900))}s", timeout=960,
-    )  # fmt: skip
-    eventually(lambda: len(stack.ready_pods("fanout.io/pool=user")) == 2, timeout=300, message="user pool ready")
+    repo, tag = user_release(stack)
     plain = start_job(stack, user_call("sync_fanout(24, sleep=8)", "userwork.tasks"), image=f"{repo}:{tag}")
     api = start_job(stack, user_call("slow_shout_all(60, chunk_size=1)", "userwork.bulk"), image=f"{repo}:{tag}")
 
@@ -354,11 +415,64 @@ def test_a_pool_of_the_users_own_code_loses_nothing_when_a_busy_pod_is_force_del
     assert [v["word"] for v in through_api["values"]] == [f"W{i}" for i in range(60)]
     reaper = stack.k("logs", f"deploy/{RELEASE}-reaper", timeout=120).stdout
     assert "redelivered (delivery 2)" in reaper, "the killed pod's runs were delivered again"
-    # Back to the runtime image and without the user pool for the tests after this one.
-    stack.helm(
-        "upgrade", RELEASE, str(CHART), "-f", str(KIND_VALUES), *stack.image_args(),
-        "--wait", "--timeout", f"{int(scaled(900))}s", timeout=960,
-    )  # fmt: skip
+
+
+def test_the_users_cpu_heavy_flow_runs_as_a_deployment_in_a_2_cpu_pod_on_the_large_node(stack: Stack) -> None:
+    """The user's own flow (`userwork.heavy:cpu_census`, a process pool over every CPU its
+    pod is given), registered by the chart from `deployments` with a 2-CPU pod on the large
+    node as its job variables, run with Prefect's `run_deployment` from a Job of the user:
+    Completed with correct results, in a pod limited to 2 CPUs on the large node, on 2
+    processes."""
+    repo, tag = user_release(stack)
+    job = start_job(
+        stack, user_call("run_census('cpu-census/user-census', 12, 400)", "userwork.heavy"), f"{repo}:{tag}"
+    )
+    run = wait_user_job(stack, job)
+    assert run["state"] == "Completed", run
+    census = run["result"]
+    assert census["values"] == [i * i for i in range(12)], census
+    assert census["cpus"] == 2, f"the flow saw its pod's CPU limit: {census}"
+    assert census["processes"] == 2 and len(census["pids"]) == 2, f"both processes of its pool worked: {census}"
+    pod = stack.cluster.json("-n", stack.namespace, "get", "pod", census["host"])
+    (container,) = pod["spec"]["containers"]
+    assert container["image"] == f"{repo}:{tag}"
+    assert container["resources"]["limits"]["cpu"] == "2" and container["resources"]["requests"]["cpu"] == "2"
+    node = stack.cluster.json("get", "node", pod["spec"]["nodeName"])
+    assert node["metadata"]["labels"].get("fanout.io/pool") == "large", pod["spec"]["nodeName"]
+
+
+def test_the_prefect_ui_shows_a_fan_out_and_its_chunk_task_runs_after_login(stack: Stack) -> None:
+    """What a user looks at: the release's Prefect UI through `kubectl port-forward` in
+    headless Chromium. It asks for the auth string (the release's generated Secret); after
+    logging in, the flow run of a fan-out of the user's function through `fanout.fan_out`
+    lists its chunk task runs, named after the function and item range."""
+    repo, tag = user_release(stack)
+    code = (
+        "import json; from userwork.bulk import shout_all; "
+        "state = shout_all([f'w{i}' for i in range(20)], chunk_size=5, return_state=True); "
+        "print('USER-RESULT ' + json.dumps({'flow_run': str(state.state_details.flow_run_id), "
+        "'state': state.name, 'summary': state.result()}))"
+    )
+    fanned = wait_user_job(stack, start_job(stack, ["python", "-c", code], image=f"{repo}:{tag}"))
+    assert fanned["state"] == "Completed" and fanned["summary"]["failed"] == {}, fanned
+    assert fanned["summary"]["values"] == [f"W{i}!" for i in range(20)]
+    chunks = [f"shout[{s}:{s + 5}]" for s in range(0, 20, 5)]
+    secret = stack.k("get", "secret", f"{RELEASE}-auth", "-o", "jsonpath={.data.auth-string}").stdout
+    auth = base64.b64decode(secret).decode()
+
+    with (
+        port_forward(stack.cluster, stack.namespace, f"svc/{RELEASE}-server", stack.ui_port, 4200) as url,
+        headless_chromium() as browser,
+    ):
+        try:
+            base = log_in_to_prefect_ui(browser, url, auth)
+            text = task_runs_of_flow_run(browser, base, fanned["flow_run"], "shout-all", *chunks)
+            assert "4 Task runs" in text and "(4 Completed)" in text, text[:2000]
+            print(f"screenshot: {screenshot(browser, 'prefect-ui-flow-run-task-runs')}")
+        except BaseException:
+            with contextlib.suppress(Exception):
+                print(f"screenshot: {screenshot(browser, 'prefect-ui-failed')}")
+            raise
 
 
 def user_call(call: str, module: str) -> list[str]:
@@ -398,11 +512,14 @@ def start_job(stack: Stack, command: list[str], image: str) -> str:
 
 
 def test_helm_upgrade_resizes_pools_then_uninstall_leaves_nothing(stack: Stack) -> None:
+    # Also back from the user's image and values (user_release) to the runtime image and
+    # the chart's defaults: every pod is replaced then, hence the longer timeout.
     stack.helm(
         "upgrade", RELEASE, str(CHART), "-f", str(KIND_VALUES), *stack.image_args(),
         "--set", "pools.light.replicas=2", "--set", "pools.heavy.replicas=0",
-        "--wait", "--timeout", f"{int(scaled(600))}s",
+        "--wait", "--timeout", f"{int(scaled(900))}s", timeout=960,
     )  # fmt: skip
+    eventually(lambda: not stack.pods("fanout.io/pool=user"), timeout=300, message="the user's pool gone")
     eventually(lambda: len(stack.pods("fanout.io/pool=light")) == 2, timeout=300, message="light pool at 2")
     eventually(lambda: not stack.pods("fanout.io/pool=heavy"), timeout=300, message="heavy pool at 0")
     assert len(stack.ready_pods("fanout.io/pool=light")) == 2

@@ -219,3 +219,63 @@ def test_a_run_offered_twice_runs_once_and_the_worker_keeps_serving(stack: Local
     assert_squares(run_user_flow(stack, "sync_fanout(5)", 120), 5)  # still serving
     with api(stack) as c:
         assert c.get(f"/task_runs/{run['id']}").json()["run_count"] == 1  # ran once
+
+
+def test_the_users_flows_are_registered_as_deployments_the_way_the_chart_does(stack: LocalStack, tmp_path) -> None:
+    """`python -m fanout.deployments` (what the chart's setup hook runs for `deployments`)
+    against a real server: the user's flow imported for its name and parameter schema,
+    job variables as given, a script entrypoint starting in its directory, a flow
+    registered by name without its code, and a bad entry named (nothing of the demo's)."""
+    client = api(stack)
+    r = client.post("/work_pools/", json={"name": "user-pods", "type": "process"})
+    assert r.status_code in (201, 409), r.text
+    script = tmp_path / "flows" / "report.py"
+    script.parent.mkdir()
+    script.write_text(
+        "from prefect import flow\n\n@flow(name='nightly-report')\ndef nightly(day: str) -> str:\n    return day\n"
+    )
+    entries = [
+        {
+            "name": "census",
+            "entrypoint": "userwork.heavy:cpu_census",
+            "image": "mywork:1",
+            "jobVariables": {"cpu_request": "2", "cpu_limit": "2", "node_selector": {"fanout.io/pool": "large"}},
+        },
+        {"name": "report", "entrypoint": f"{script}:nightly"},
+        {"name": "elsewhere", "entrypoint": "notinthisimage.flows:big", "flowName": "big-flow", "image": "other:2"},
+    ]
+    config = tmp_path / "deployments.json"
+    config.write_text(json.dumps(entries))
+    argv = [sys.executable, "-m", "fanout.deployments", "--work-pool", "user-pods", "--config", str(config)]
+    env = stack.env("deploy", PYTHONPATH=str(USERCODE))
+    proc = subprocess.run([*argv, "--image-pull-policy", "Never"], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "deployment cpu-census/census" in proc.stdout, proc.stdout
+
+    census = client.get("/deployments/name/cpu-census/census").json()
+    assert census["entrypoint"] == "userwork.heavy.cpu_census"  # a module path: imported from the image
+    assert census["work_pool_name"] == "user-pods"
+    assert census["job_variables"] == {
+        "image_pull_policy": "Never",
+        "image": "mywork:1",
+        "cpu_request": "2",
+        "cpu_limit": "2",
+        "node_selector": {"fanout.io/pool": "large"},
+    }
+    assert set(census["parameter_openapi_schema"]["properties"]) == {"n", "milliseconds"}
+    assert census["enforce_parameter_schema"] is True
+    report = client.get("/deployments/name/nightly-report/report").json()
+    assert report["entrypoint"] == f"{script}:nightly"
+    assert report["pull_steps"] == [
+        {"prefect.deployments.steps.set_working_directory": {"directory": str(script.parent)}}
+    ]
+    elsewhere = client.get("/deployments/name/big-flow/elsewhere").json()
+    assert elsewhere["entrypoint"] == "notinthisimage.flows.big"
+    assert elsewhere["job_variables"]["image"] == "other:2"
+
+    # Registering again updates in place; an entry that cannot be loaded is named.
+    config.write_text(json.dumps([entries[0], {"name": "broken", "entrypoint": "userwork.heavy:no_such_flow"}]))
+    proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert "deployment broken: cannot load the flow 'userwork.heavy:no_such_flow'" in proc.stderr, proc.stderr
+    assert client.get("/deployments/name/cpu-census/census").json()["id"] == census["id"]

@@ -7,7 +7,8 @@
    selector and tolerations as job variables) and the chart's defaults for the job
    variables (image, namespace, cpu/memory requests and limits, ...).
 3. storage.type s3: save the `s3-bucket` block that FANOUT_STORAGE names.
-4. Register the `crunch` deployment on the pool (`python -m fanout_demo.deploy`).
+4. Register the chart's `deployments` on the pool (`python -m fanout.deployments`): each
+   entry's image defaults to the chart's, its job variables must be the pool's.
 
 Everything it needs comes from one JSON file rendered by Helm (FANOUT_SETUP_CONFIG).
 Idempotent: every step overwrites what a previous run created.
@@ -90,6 +91,22 @@ def base_job_template(cfg: dict[str, Any], default: dict[str, Any]) -> dict[str,
     return template
 
 
+def deployment_entries(cfg: dict[str, Any], template: dict[str, Any]) -> list[dict[str, Any]]:
+    """The chart's `deployments`, each with the chart's image unless it names its own; a job
+    variable the work pool does not know is named here (the schema checks it at install)."""
+    known = template["variables"]["properties"]
+    entries = []
+    for i, entry in enumerate(cfg.get("deployments") or []):
+        unknown = sorted(set(entry.get("jobVariables") or {}) - set(known))
+        if unknown:
+            sys.exit(
+                f"setup: deployments[{i}] ({entry.get('name')}): job variable(s) {', '.join(unknown)} "
+                f"not in the work pool's template; known: {', '.join(sorted(known))}"
+            )
+        entries.append({**entry, "image": entry.get("image") or cfg["image"]})
+    return entries
+
+
 def save_s3_block(storage: dict[str, Any]) -> None:
     try:
         from prefect_aws import AwsCredentials, S3Bucket
@@ -138,17 +155,24 @@ def main() -> None:
     if cfg.get("s3"):
         save_s3_block(cfg["s3"])
 
-    run(
-        sys.executable,
-        "-m",
-        "fanout_demo.deploy",
-        "--work-pool",
-        cfg["workPool"],
-        "--image",
-        cfg["image"],
-        "--image-pull-policy",
-        cfg["imagePullPolicy"],
-    )
+    deployments = deployment_entries(cfg, template)
+    if deployments:
+        path = "/tmp/deployments.json"
+        with open(path, "w") as f:
+            json.dump(deployments, f, indent=2)
+        run(
+            sys.executable,
+            "-m",
+            "fanout.deployments",
+            "--work-pool",
+            cfg["workPool"],
+            "--config",
+            path,
+            "--image-pull-policy",
+            cfg["imagePullPolicy"],
+        )
+    else:
+        log("no deployments to register (deployments: [])")
     log("done")
 
 

@@ -69,4 +69,29 @@ Fail fast with a message naming the value, for what values.schema.json cannot ex
 {{- end }}
 {{- end }}
 {{- end }}
+{{- $depKeys := list "name" "entrypoint" "jobVariables" "image" "description" "flowName" }}
+{{- $seen := dict }}
+{{- range $i, $d := .Values.deployments | default list }}
+{{- if not (kindIs "map" $d) }}
+{{- fail (printf "deployments[%d] must be a mapping with at least name and entrypoint, got %v" $i $d) }}
+{{- end }}
+{{- if not $d.name }}
+{{- fail (printf "deployments[%d].name is required (the deployment's name: run it as <flow name>/<name>)" $i) }}
+{{- end }}
+{{- if not (regexMatch "^[A-Za-z0-9][A-Za-z0-9_.-]*$" (toString $d.name)) }}
+{{- fail (printf "deployments[%d].name %q: letters, digits, '.', '_' or '-' only" $i (toString $d.name)) }}
+{{- end }}
+{{- if hasKey $seen (toString $d.name) }}
+{{- fail (printf "deployments[%d].name %q is used more than once" $i (toString $d.name)) }}
+{{- end }}
+{{- $_ := set $seen (toString $d.name) true }}
+{{- if not (regexMatch "^([A-Za-z_][A-Za-z0-9_]*([.][A-Za-z_][A-Za-z0-9_]*)*|/[^:]*[.]py):[A-Za-z_][A-Za-z0-9_]*$" (toString ($d.entrypoint | default ""))) }}
+{{- fail (printf "deployments[%d] (%s): entrypoint %q must be package.module:flow or /absolute/path/script.py:flow" $i (toString $d.name) (toString ($d.entrypoint | default ""))) }}
+{{- end }}
+{{- range $key, $_ := $d }}
+{{- if not (has $key $depKeys) }}
+{{- fail (printf "deployments[%d].%s is not a deployment setting; known: %s" $i $key (join ", " $depKeys)) }}
+{{- end }}
+{{- end }}
+{{- end }}
 {{- end }}

@@ -1,12 +1,13 @@
 """Register the CPU-heavy subflow `crunch` as a deployment on a Kubernetes work pool.
 
-Run once per install/upgrade (the chart's hook Job does it). A parent flow can then run
-`crunch` in a pod of any size by passing per-run `job_variables`, e.g.
-`{"cpu_request": "2", "cpu_limit": "2", "memory_request": "1Gi"}`: the pod's CPU quota
-is what `crunch` sizes its process pool from.
+The chart registers it as the default entry of its `deployments` values (through
+`fanout.deployments`, like any user's flow); this is the same for a stack you run
+yourself. A parent flow can then run `crunch` in a pod of any size by passing per-run
+`job_variables`, e.g. `{"cpu_request": "2", "cpu_limit": "2", "memory_request": "1Gi"}`:
+the pod's CPU quota is what `crunch` sizes its process pool from.
 
 The code is baked into the image, so the deployment points at a module path
-(`fanout_demo.tasks:crunch`) instead of pulling source at run time.
+(`fanout_demo.tasks.crunch`) instead of pulling source at run time.
 """
 
 from __future__ import annotations
@@ -14,26 +15,22 @@ from __future__ import annotations
 import argparse
 from uuid import UUID
 
-from prefect.deployments.runner import EntrypointType
-
-from fanout_demo.tasks import crunch
+from fanout.deployments import DeploymentSpec
+from fanout.deployments import register as register_deployment
 
 DEPLOYMENT = "crunch"
+ENTRYPOINT = "fanout_demo.tasks:crunch"
 
 
 def register(work_pool: str, image: str | None, job_variables: dict[str, str] | None = None) -> UUID:
     """Create or update `crunch/crunch` on `work_pool`; returns the deployment id."""
-    variables = dict(job_variables or {})
-    if image:
-        variables["image"] = image
-    deployment = crunch.to_deployment(
+    spec = DeploymentSpec(
         name=DEPLOYMENT,
-        work_pool_name=work_pool,
-        job_variables=variables,
-        entrypoint_type=EntrypointType.MODULE_PATH,
+        entrypoint=ENTRYPOINT,
+        image=image,
         description="CPU-heavy batch on a process pool sized to the pod's CPU quota",
     )
-    return deployment.apply(work_pool_name=work_pool)
+    return register_deployment(spec, work_pool, job_variables)[1]
 
 
 def main(argv: list[str] | None = None) -> None:

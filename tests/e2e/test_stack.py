@@ -393,18 +393,20 @@ def test_a_pool_of_the_users_own_code_loses_nothing_when_a_busy_pod_is_force_del
     (`fanout.fan_out`); a busy pod of the pool is force-deleted mid-run: every item of
     both correct, exactly once, and neither flow sees an error."""
     repo, tag = user_release(stack)
-    plain = start_job(stack, user_call("sync_fanout(24, sleep=8)", "userwork.tasks"), image=f"{repo}:{tag}")
+    plain = start_job(stack, user_call("sync_fanout(24, sleep=10)", "userwork.tasks"), image=f"{repo}:{tag}")
     api = start_job(stack, user_call("slow_shout_all(60, chunk_size=1)", "userwork.bulk"), image=f"{repo}:{tag}")
 
     def busy_pod() -> str | None:
+        """A pod holding two runs or more, one of them a 10 s `square` it took under 3 s
+        ago: deleted now, that run cannot finish in the kubelet's short kill grace (a pod
+        busy only with 1 s runs could, and nothing would need delivering again)."""
         for pod in stack.ready_pods("fanout.io/pool=user"):
-            if worker_status(stack, pod).get("running", 0) >= 2:
+            runs = worker_status(stack, pod).get("runs", {}).values()
+            if len(runs) >= 2 and any(r["name"].startswith("square") and r["seconds"] < 3 for r in runs):
                 return pod
         return None
 
-    eventually(lambda: busy_pod() is not None, timeout=300, interval=2, message="a user pod busy")
-    victim = busy_pod()
-    assert victim
+    victim = eventually(busy_pod, timeout=300, interval=0.5, message="a user pod busy with a fresh 10 s run")
     stack.k("delete", "pod", victim, "--force", "--grace-period=0")
 
     results = wait_user_job(stack, plain)

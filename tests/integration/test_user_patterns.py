@@ -204,6 +204,9 @@ def test_a_run_offered_twice_runs_once_and_the_worker_keeps_serving(stack: Local
 
         wait_until(lambda: running(), 30, "the run's Running state recorded")
         (run,) = running()
+        held = status(w)["runs"]  # what the pod says it holds: this run, by name, for seconds
+        assert list(held) == [run["id"]] and held[run["id"]]["name"] == run["name"], held
+        assert 0 < held[run["id"]]["seconds"] < 8, held
         states = c.get("/task_run_states/", params={"task_run_id": run["id"]}).json()
         params_id = next(s["state_details"]["task_parameters_id"] for s in states if s["state_details"].get(
             "task_parameters_id"))  # fmt: skip

@@ -91,6 +91,7 @@ class FanoutWorker(TaskWorker):
         self._intake: anyio.CancelScope | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._free_since: float | None = None
+        self._taken: dict[str, tuple[str, float]] = {}  # run id -> (run name, monotonic start)
 
     def handle_sigterm(self, signum: int, frame: object) -> None:  # overrides Prefect's exit-at-once
         if self.stopping:
@@ -138,7 +139,7 @@ class FanoutWorker(TaskWorker):
                     # dropped, or the reaper requeued it). It is acked; run it once.
                     log.warning("%s %s: offered again while running it here; skipped", run.name, run.id)
                     continue
-                self._runs_task_group.start_soon(self._safe_submit_scheduled_task_run, run)
+                self._runs_task_group.start_soon(self._run_taken, run)
         self.connected = False
         if sub._websocket is not None:
             await sub._websocket.close()
@@ -167,8 +168,24 @@ class FanoutWorker(TaskWorker):
                 sub._websocket = None
                 await asyncio.sleep(0.5)
 
+    async def _run_taken(self, run: TaskRun) -> None:
+        """Run an acked run, remembering it (for `/status`) while it runs."""
+        self._taken[str(run.id)] = (run.name, time.monotonic())
+        try:
+            await self._safe_submit_scheduled_task_run(run)
+        finally:
+            self._taken.pop(str(run.id), None)
+
     def in_flight(self) -> set[str]:
         return {str(run) for runs in self.in_flight_task_runs.values() for run in runs}
+
+    def runs(self) -> dict[str, dict[str, Any]]:
+        """The runs this worker holds: id -> name and seconds since it took the run (what
+        an operator asks of a pod before deleting it)."""
+        now = time.monotonic()
+        return {
+            rid: {"name": name, "seconds": round(now - start, 1)} for rid, (name, start) in list(self._taken.items())
+        }
 
     def heartbeat(self) -> Heartbeat:
         """What this worker holds right now, for the reaper (see fanout.liveness)."""
@@ -223,6 +240,7 @@ class FanoutWorker(TaskWorker):
             "stopping": self.stopping,
             "limit": self.limit,
             "running": len(self.in_flight()),
+            "runs": self.runs(),
             "finished": sum(self.finished_task_runs.values()),
         }
 

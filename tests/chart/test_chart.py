@@ -191,7 +191,9 @@ def test_defaults_deploy_the_whole_stack(render):
     assert docs.names("Secret") == {f"{FULL}-postgresql", AUTH_SECRET}
     assert docs.names("ServiceAccount") == {f"{FULL}-worker", REAPER}
     assert not docs.all("NetworkPolicy")
-    assert docs.names("Service") == {SERVER, f"{FULL}-postgresql", f"{FULL}-postgresql-hl"}  # -hl: headless
+    assert docs.names("Service") == {  # -hl: headless; reaper and task-workers: /metrics
+        SERVER, f"{FULL}-postgresql", f"{FULL}-postgresql-hl", REAPER, f"{FULL}-task-workers"
+    }  # fmt: skip
     assert docs.names("PersistentVolumeClaim") == {f"{FULL}-shared"}
     assert docs.names("PodDisruptionBudget") == {f"{FULL}-pool-light", f"{FULL}-pool-heavy"}
     hooks = {d["metadata"]["name"]: d["metadata"]["annotations"]["helm.sh/hook"] for d in docs.all("Job")}
@@ -373,8 +375,10 @@ def test_reaper_is_one_pod_that_reaches_the_prefect_api_only(render):
     # The task workers' way to the API (URL and credentials) and nothing else: it never
     # reads task parameters or results, so no storage either.
     light = env_of(pod_spec(docs.get("Deployment", f"{FULL}-pool-light"))["containers"][0])
-    assert env_of(c) == {"PREFECT_API_URL": API_URL, "PREFECT_API_AUTH_STRING": AUTH_REF}
-    assert {k: light[k] for k in env_of(c)} == env_of(c)
+    api = {k: v for k, v in env_of(c).items() if k.startswith("PREFECT_")}
+    assert api == {"PREFECT_API_URL": API_URL, "PREFECT_API_AUTH_STRING": AUTH_REF}
+    assert {k: light[k] for k in api} == api
+    assert env_of(c).keys() - api.keys() == {"FANOUT_METRICS_HOST", "FANOUT_METRICS_PORT", "FANOUT_POOLS"}
     assert [v["name"] for v in spec["volumes"]] == ["tmp"]
     assert c["resources"] == {
         "requests": {"cpu": "50m", "memory": "192Mi", "ephemeral-storage": "128Mi"},
@@ -414,6 +418,63 @@ def test_reaper_disabled_removes_it(render):
     docs = render({"reaper": {"enabled": False, "staleAfter": 5}})
     assert REAPER not in docs.names("Deployment")
     assert REAPER not in docs.names("ServiceAccount")
+
+
+# --- metrics --------------------------------------------------------------------------
+
+
+def test_metrics_services_reach_the_reaper_and_every_task_worker(render):
+    """The reaper's Service and the headless Service of the task workers both serve
+    `/metrics` on a port named `metrics`, and select exactly the pods that listen."""
+    docs = render()
+    reaper = pod_spec(docs.get("Deployment", REAPER))["containers"][0]
+    assert {"name": "metrics", "containerPort": 8080, "protocol": "TCP"} in reaper["ports"]
+    assert env_of(reaper)["FANOUT_METRICS_HOST"] == "0.0.0.0"
+    # the pools' tasks, so that a pool's backlog counts while it has no pod
+    assert json.loads(env_of(reaper)["FANOUT_POOLS"]) == {
+        "light": ["fanout_demo.tasks:process_item"], "heavy": ["fanout_demo.tasks:heavy_batch"]
+    }  # fmt: skip
+    svc = docs.get("Service", REAPER)
+    assert svc["spec"]["ports"][0]["targetPort"] == "metrics"
+    workers = docs.get("Service", f"{FULL}-task-workers")
+    assert workers["spec"]["clusterIP"] == "None"
+    assert workers["spec"]["ports"][0] == {"name": "metrics", "port": 8080, "targetPort": "health", "protocol": "TCP"}
+    selected = [
+        d["metadata"]["name"]
+        for d in docs.all("Deployment")
+        if workers["spec"]["selector"].items() <= d["spec"]["template"]["metadata"]["labels"].items()
+    ]
+    assert sorted(selected) == [f"{FULL}-pool-heavy", f"{FULL}-pool-light"]
+    for name in selected:
+        ports = pod_spec(docs.get("Deployment", name))["containers"][0]["ports"]
+        assert {"name": "health", "containerPort": 8080, "protocol": "TCP"} in ports
+    assert (
+        svc["spec"]["selector"].items()
+        <= docs.get("Deployment", REAPER)["spec"]["template"]["metadata"]["labels"].items()
+    )
+    assert not docs.all("ServiceMonitor")  # off by default
+
+
+def test_service_monitor_only_where_its_crd_is_installed(render):
+    values = {"metrics": {"serviceMonitor": {"enabled": True, "interval": "30s", "labels": {"release": "kps"}}}}
+    assert not render(values).all("ServiceMonitor")  # no CRD: skipped, the install still works
+    (sm,) = render(values, "--api-versions", "monitoring.coreos.com/v1/ServiceMonitor").all("ServiceMonitor")
+    assert sm["metadata"]["labels"]["release"] == "kps"
+    assert sm["spec"]["endpoints"] == [{"port": "metrics", "path": "/metrics", "interval": "30s"}]
+    assert sm["spec"]["namespaceSelector"] == {"matchNames": [NAMESPACE]}
+    docs = render()
+    matched = {
+        d["metadata"]["name"]
+        for d in docs.all("Service")
+        if sm["spec"]["selector"]["matchLabels"].items() <= d["metadata"]["labels"].items()
+    }
+    assert matched == {REAPER, f"{FULL}-task-workers"}
+
+
+def test_metrics_disabled_keeps_the_reaper_on_its_loopback(render):
+    docs = render({"metrics": {"enabled": False}})
+    assert REAPER not in docs.names("Service") and f"{FULL}-task-workers" not in docs.names("Service")
+    assert env_of(pod_spec(docs.get("Deployment", REAPER))["containers"][0])["FANOUT_METRICS_HOST"] == "127.0.0.1"
 
 
 # --- storage --------------------------------------------------------------------------
@@ -735,7 +796,8 @@ def test_auth_disabled_removes_the_secret_and_every_reference(render):
     docs = render({"auth": {"enabled": False}})
     assert AUTH_SECRET not in docs.names("Secret")
     assert "AUTH_STRING" not in json.dumps(docs)
-    assert env_of(pod_spec(docs.get("Deployment", REAPER))["containers"][0]) == {"PREFECT_API_URL": API_URL}
+    reaper = env_of(pod_spec(docs.get("Deployment", REAPER))["containers"][0])
+    assert {k: v for k, v in reaper.items() if k.startswith("PREFECT_")} == {"PREFECT_API_URL": API_URL}
 
 
 # --- network policy -------------------------------------------------------------------
@@ -830,6 +892,8 @@ BAD_VALUES = [
     ({"auth": {"enabled": "yes"}}, "/auth/enabled"),
     ({"auth": {"secretName": "x"}}, "'secretName' not allowed"),
     ({"networkPolicy": {"enabled": 1}}, "/networkPolicy/enabled"),
+    ({"metrics": {"serviceMonitor": {"interval": "15"}}}, "/metrics/serviceMonitor/interval"),
+    ({"metrics": {"port": 9090}}, "'port' not allowed"),
     ({"pools": {"bogus": {"replicas": 1}}}, "pools.bogus.tasks is required"),
     ({"pools": {"heavy": {"warmProcessPool": "lots"}}}, "/pools/heavy/warmProcessPool"),
     ({"pools": {"mine": {"tasks": ["not a task"]}}}, "/pools/mine/tasks/0"),

@@ -419,6 +419,55 @@ def test_a_pool_of_the_users_own_code_loses_nothing_when_a_busy_pod_is_force_del
     assert "redelivered (delivery 2)" in reaper, "the killed pod's runs were delivered again"
 
 
+SCRAPE = """
+import json, socket, sys, urllib.request
+def get(host):
+    return urllib.request.urlopen(f"http://{host}:8080/metrics", timeout=10).read().decode()
+ips = sorted({a[4][0] for a in socket.getaddrinfo(sys.argv[2], 8080, proto=socket.IPPROTO_TCP)})
+print(json.dumps({"pools": get(sys.argv[1]), "workers": {ip: get(ip) for ip in ips}}))
+"""
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    """Sum of `name`'s samples (Prometheus text) whose labels include `labels`."""
+    total = 0.0
+    for line in text.splitlines():
+        head, _, value = line.rpartition(" ")
+        metric_name, _, rest = head.partition("{")
+        if metric_name == name and all(f'{k}="{v}"' in rest for k, v in labels.items()):
+            total += float(value)
+    return total
+
+
+def test_the_release_serves_pool_and_worker_metrics_to_the_cluster(stack: Stack) -> None:
+    """Scraped from inside the cluster, as Prometheus would: the reaper's Service gives
+    the user pool's live workers and slots, and as many redeliveries as the reaper
+    logged; the task workers' headless Service reaches every ready pool pod, each
+    serving its own slots and finished runs."""
+    user_release(stack)
+    (pod, *_) = stack.ready_pods("fanout.io/pool=user")
+
+    def scraped() -> dict[str, Any]:
+        r = stack.k("exec", pod, "--", "python", "-c", SCRAPE, f"{RELEASE}-reaper", f"{RELEASE}-task-workers",
+                    check=False, timeout=120)  # fmt: skip
+        assert r.returncode == 0, r.stderr[-2000:]
+        got = json.loads(r.stdout)
+        assert metric(got["pools"], "fanout_pool_workers", pool="user") == 2, got["pools"]
+        return got
+
+    got = eventually(scraped, timeout=120, interval=5, message="the user pool's 2 workers in the metrics")
+    assert metric(got["pools"], "fanout_pool_slots", pool="user") == 8  # 2 pods x limit 4
+    logs = stack.k("logs", f"deploy/{RELEASE}-reaper", timeout=120).stdout
+    redelivered = metric(got["pools"], "fanout_recovered_runs_total", action="redelivered")
+    assert redelivered == logs.count("; redelivered (delivery"), (redelivered, logs[-2000:])
+    pods = stack.ready_pods("fanout.io/role=task-worker")
+    assert len(got["workers"]) == len(pods) >= 2, (sorted(got["workers"]), pods)
+    for ip, text in got["workers"].items():
+        assert metric(text, "fanout_worker_slots") >= 1, (ip, text[:2000])
+    finished = sum(metric(t, "fanout_worker_runs_finished_total", pool="user") for t in got["workers"].values())
+    assert finished >= 1, "the user pool's pods ran the user's fan-outs"
+
+
 def test_the_users_cpu_heavy_flow_runs_as_a_deployment_in_a_2_cpu_pod_on_the_large_node(stack: Stack) -> None:
     """The user's own flow (`userwork.heavy:cpu_census`, a process pool over every CPU its
     pod is given), registered by the chart from `deployments` with a 2-CPU pod on the large

@@ -19,6 +19,7 @@ from typing import Any
 import httpx
 import pytest
 from conftest import stack_with_reaper, status
+from prometheus_client.parser import text_string_to_metric_families
 
 from fanout.local import LocalStack, Proc, wait_until
 
@@ -114,3 +115,72 @@ def test_20000_results_consumed_as_they_complete_in_bounded_memory(stack: LocalS
     assert got["distinct"] == got["ok"] == 20_000
     assert got["bytes"] == 20_000 * 10_000
     assert got["rss_growth_mb"] < 120, got
+
+
+def scrape(port: int) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    """A /metrics endpoint's samples: (name, labels) -> value."""
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+    return {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def scrape_until(
+    port: int, check: Any, timeout: float, what: str
+) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    """Scrape until `check(samples)` holds; those samples."""
+    seen: list[dict[tuple[str, frozenset[tuple[str, str]]], float]] = []
+
+    def ok() -> bool:
+        try:
+            seen[:] = [scrape(port)]
+        except httpx.HTTPError:  # not listening yet
+            return False
+        return bool(check(seen[0]))
+
+    wait_until(ok, timeout, what)
+    return seen[0]
+
+
+def sample(samples: dict[tuple[str, frozenset[tuple[str, str]]], float], name: str, **labels: str) -> float:
+    """The sum of `name`'s samples whose labels include `labels` (0 if none)."""
+    return sum(v for (n, ls), v in samples.items() if n == name and set(labels.items()) <= ls)
+
+
+def test_metrics_show_the_backlog_the_workers_and_what_was_recovered(stack: LocalStack, workers: list[Proc]) -> None:
+    """The reaper's /metrics: the pool's backlog while runs wait, its live workers and
+    slots, and the runs it redelivered after a kill -9 (as many as the fan-out reported);
+    a worker's /metrics: its runs finished by final state, a failed one included."""
+    reaper = next(p for p in stack.procs if p.name == "reaper")
+    before = scrape_until(reaper.port, lambda m: True, 60, "the reaper's metrics")
+    workers += [user_worker(stack, limit=2) for _ in range(2)]
+    proc = start(stack, "slow_shout_all(30, chunk_size=1)")  # 30 runs of 1 s on 4 slots
+    m = scrape_until(reaper.port, lambda m: sample(m, "fanout_pool_backlog", pool="user") >= 5, 60, "a backlog")
+    assert sample(m, "fanout_pool_workers", pool="user") == 2 and sample(m, "fanout_pool_slots", pool="user") == 4, m
+    assert sample(m, "fanout_task_runs", pool="user", state="scheduled") == sample(
+        m, "fanout_pool_backlog", pool="user"
+    )
+    assert sample(m, "fanout_oldest_scheduled_seconds", pool="user") > 0
+    victim = workers[0]
+    wait_until(lambda: status(victim)["running"] > 0, 60, "victim busy")
+    victim.signal(signal.SIGKILL)
+    got = finish(proc, 300)
+    assert got["failed"] == {} and got["redelivered"] >= 1
+    after = scrape_until(reaper.port, lambda m: sample(m, "fanout_pool_backlog", pool="user") == 0, 30, "no backlog")
+    action = {"action": "redelivered"}
+    redelivered = sample(after, "fanout_recovered_runs_total", **action) - sample(
+        before, "fanout_recovered_runs_total", **action
+    )
+    assert redelivered == got["redelivered"], (redelivered, got["redelivered"])
+
+    survivor = workers[1]
+    failed = finish(start(stack, "shout_all(['boom'], chunk_size=1)"), 120)["failed"]
+    assert failed == {"0": "ValueError: boom is not a word"}
+    w = scrape_until(
+        survivor.port, lambda m: sample(m, "fanout_worker_runs_finished_total", state="failed"), 30, "a failed run"
+    )
+    assert sample(w, "fanout_worker_runs_finished_total", state="completed") >= 1, w
+    assert sample(w, "fanout_worker_slots", pool="user") == 2
+    assert sample(w, "fanout_worker_run_duration_seconds_count") == sample(w, "fanout_worker_runs_finished_total")

@@ -167,3 +167,12 @@ imagePullSecrets:
 - name: tmp
   mountPath: /tmp
 {{- end }}
+
+{{/* {"pool": ["module:attribute", ...]} of every pool (null pools skipped), as JSON. */}}
+{{- define "fanout.poolTasks" -}}
+{{- $pools := dict }}
+{{- range $pool, $spec := .Values.pools }}
+{{- if $spec }}{{- $_ := set $pools $pool $spec.tasks }}{{- end }}
+{{- end }}
+{{- toJson $pools }}
+{{- end }}

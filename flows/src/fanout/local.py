@@ -312,10 +312,11 @@ class LocalStack:
         self, interval: float = 2.0, stale_after: float = 8.0, max_deliveries: int = 3, fail_unserved_after: float = 600
     ) -> Proc:
         """The reaper (`python -m fanout.reaper`), with short timings for a local demo/test."""
+        port = free_port()
         argv = [sys.executable, "-m", "fanout.reaper", "--interval", str(interval), "--stale-after",
                 str(stale_after), "--max-deliveries", str(max_deliveries),
-                "--fail-unserved-after", str(fail_unserved_after)]  # fmt: skip
-        return self.spawn("reaper", argv, self.env("reaper"))
+                "--fail-unserved-after", str(fail_unserved_after), "--metrics-port", str(port)]  # fmt: skip
+        return self.spawn("reaper", argv, self.env("reaper"), port)
 
     def restart_server(self, timeout: float = 90) -> Proc:
         """Stop the Prefect server and start it again on the same port and database, as a

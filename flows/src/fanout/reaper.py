@@ -36,7 +36,9 @@ Run it as `python -m fanout.reaper` (one replica is enough; two are harmless).
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import os
 import signal
 import sys
 import time
@@ -49,9 +51,11 @@ from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterState, Ta
 from prefect.client.schemas.objects import StateType, TaskRun
 from prefect.states import Failed, Scheduled
 from prefect.variables import Variable
+from prometheus_client import start_http_server
 
 from fanout import settings
 from fanout.liveness import Heartbeat, fanout_tags, ledger_name, read_heartbeats, task_name, unserved_reason
+from fanout.metrics import Load, PoolMetrics, pool_registry
 
 log = logging.getLogger("fanout.reaper")
 PAGE = 200
@@ -78,16 +82,19 @@ class Reaper:
         stale_after: float = settings.STALE_AFTER,
         max_deliveries: int = settings.MAX_DELIVERIES,
         fail_unserved_after: float = settings.FAIL_UNSERVED_AFTER,
+        pools: dict[str, set[str]] | None = None,
     ) -> None:
         if stale_after <= 0 or max_deliveries < 1 or fail_unserved_after < 0:
             raise ValueError("stale_after must be > 0, max_deliveries >= 1 and fail_unserved_after >= 0")
         self.client = client
-        self.extra_keys = set(task_keys)  # watched even before any worker declares them
+        self.pools = pools or {}  # pool -> task keys, as configured (known with no worker up)
+        self.extra_keys = set(task_keys).union(*self.pools.values())  # watched before any worker declares them
         self.task_keys = set(self.extra_keys)
         self.stale_after = stale_after
         self.max_deliveries = max_deliveries
         self.fail_unserved_after = fail_unserved_after  # 0: never fail, only report
         self._reported: set[str] = set()  # task keys already logged as unserved
+        self.metrics = PoolMetrics()  # what each sweep saw, for /metrics
 
     # -- reading ---------------------------------------------------------------------
     def heartbeats(self) -> dict[str, Heartbeat]:
@@ -125,6 +132,7 @@ class Reaper:
             )
             self.client.set_task_run_state(run.id, Failed(message=reason), force=True)
             out.poisoned.append(str(run.id))
+            self.metrics.recovered(run.task_key, "poisoned")
             log.warning("%s %s: %s", run.name, run.id, reason)
             return
         state = Scheduled(
@@ -134,6 +142,7 @@ class Reaper:
         )
         if self.client.set_task_run_state(run.id, state, force=True).status.value == "ACCEPT":
             (out.redelivered if name == "Redelivered" else out.requeued).append(str(run.id))
+            self.metrics.recovered(run.task_key, name.lower())
             for tag in fanout_tags(run.tags):  # counted for the fan-out that waits on it
                 ledger = ledger_name(tag)
                 Variable.set(ledger, int(Variable.get(ledger, default=0)) + 1, overwrite=True)
@@ -156,7 +165,10 @@ class Reaper:
         def age(run: TaskRun) -> float:
             return now - run.state.timestamp.timestamp() if run.state else 0.0
 
+        load = Load(at=now)
+        load.add_workers(live, configured=self.pools)
         for run in self.runs_in(StateType.PENDING, StateType.RUNNING):
+            (load.running if run.state_type == StateType.RUNNING else load.pending)[run.task_key] += 1
             if str(run.id) not in held and age(run) > self.stale_after:
                 self._recover(run, "Redelivered", "its worker stopped heartbeating", out)
 
@@ -164,11 +176,14 @@ class Reaper:
         # looks Scheduled; so does a run a restarted server forgot. Either way it is not
         # in the queue if a worker for its key has been free all along.
         idle_keys = {key for hb in live for key in hb.task_keys if hb.idle_for(now) > self.stale_after}
-        scheduled = [
-            r
-            for r in self.runs_in(StateType.SCHEDULED, every_key=True)
-            if r.state is not None and r.state.state_details.deferred and age(r) > self.stale_after
+        waiting = [
+            r for r in self.runs_in(StateType.SCHEDULED, every_key=True) if r.state and r.state.state_details.deferred
         ]
+        for run in waiting:
+            load.scheduled[run.task_key] += 1
+            load.oldest[run.task_key] = max(load.oldest.get(run.task_key, 0.0), age(run))
+        self.metrics.update(load)
+        scheduled = [r for r in waiting if age(r) > self.stale_after]
         for run in scheduled:
             if run.task_key in idle_keys and str(run.id) not in held:
                 self._recover(run, "Requeued", "not delivered while a worker was free", out)
@@ -199,7 +214,23 @@ class Reaper:
                     message = f"not run: {reason} (waited {age(run):.0f}s)"
                     self.client.set_task_run_state(run.id, Failed(message=message), force=True)
                     out.failed_unserved.append(str(run.id))
+                    self.metrics.recovered(run.task_key, "failed_unserved")
                     log.warning("%s %s failed: %s", run.name, run.id, message)
+
+
+def configured_pools(spec: str) -> dict[str, set[str]]:
+    """`--pools` as task keys per pool. The release's image holds the pools' code; a
+    reference that does not load is logged and skipped (its pool's backlog then counts
+    only once its workers declare their keys), never fatal: redelivery matters more."""
+    from fanout.worker import load_tasks  # the workers' own loader: the same task keys
+
+    pools: dict[str, set[str]] = {}
+    for pool, refs in (json.loads(spec) if spec.strip() else {}).items():
+        try:
+            pools[pool] = {t.task_key for t in load_tasks(refs if isinstance(refs, str) else ",".join(refs))}
+        except ValueError as exc:
+            log.warning("pool %r: %s", pool, exc)
+    return pools
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -217,6 +248,21 @@ def main(argv: list[str] | None = None) -> None:
         type=float,
         default=settings.FAIL_UNSERVED_AFTER,
         help="seconds after which a run no live worker serves is failed with the reason (0: only report)",
+    )
+    p.add_argument(
+        "--metrics-host", default=os.environ.get("FANOUT_METRICS_HOST", "127.0.0.1"), help="/metrics address"
+    )
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        default=int(os.environ.get("FANOUT_METRICS_PORT", "8080")),
+        help="/metrics port (-1: none)",
+    )
+    p.add_argument(
+        "--pools",
+        default=os.environ.get("FANOUT_POOLS", ""),
+        help='the pools and the tasks they serve, as JSON: {"light": ["module:attribute", ...]}; their '
+        "backlog is counted even while they have no worker",
     )
     args = p.parse_args(argv)
     if args.interval <= 0 or args.stale_after <= 0 or args.max_deliveries < 1 or args.fail_unserved_after < 0:
@@ -243,7 +289,11 @@ def main(argv: list[str] | None = None) -> None:
             stale_after=args.stale_after,
             max_deliveries=args.max_deliveries,
             fail_unserved_after=args.fail_unserved_after,
+            pools=configured_pools(args.pools),
         )
+        if args.metrics_port >= 0:
+            server, _ = start_http_server(args.metrics_port, args.metrics_host, registry=pool_registry(reaper.metrics))
+            log.info("metrics on http://%s:%d/metrics", *server.server_address[:2])
         while not stop:
             try:
                 s = reaper.sweep()

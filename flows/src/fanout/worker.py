@@ -52,6 +52,7 @@ from fanout.chunks import chunk_task
 from fanout.cpu import available_cpus
 from fanout.internals import set_task_key, without_settings
 from fanout.liveness import Heartbeat, variable_name
+from fanout.metrics import CONTENT_TYPE, WorkerMetrics
 from fanout.processpool import close_process_pools, warm_engine, warm_process_pool
 
 log = logging.getLogger("fanout.worker")
@@ -92,6 +93,7 @@ class FanoutWorker(TaskWorker):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._free_since: float | None = None
         self._taken: dict[str, tuple[str, float]] = {}  # run id -> (run name, monotonic start)
+        self.metrics = WorkerMetrics(pool, limit, lambda: len(self.in_flight()))
 
     def handle_sigterm(self, signum: int, frame: object) -> None:  # overrides Prefect's exit-at-once
         if self.stopping:
@@ -170,11 +172,15 @@ class FanoutWorker(TaskWorker):
 
     async def _run_taken(self, run: TaskRun) -> None:
         """Run an acked run, remembering it (for `/status`) while it runs."""
-        self._taken[str(run.id)] = (run.name, time.monotonic())
+        start = time.monotonic()
+        self._taken[str(run.id)] = (run.name, start)
         try:
             await self._safe_submit_scheduled_task_run(run)
         finally:
             self._taken.pop(str(run.id), None)
+            # The engine sets its final state on the run it was handed (the same object).
+            final = run.state.type.value.lower() if run.state and run.state.is_final() else "unfinished"
+            self.metrics.finished(run.task_key, final, time.monotonic() - start)
 
     def in_flight(self) -> set[str]:
         return {str(run) for runs in self.in_flight_task_runs.values() for run in runs}
@@ -260,6 +266,14 @@ def serve_health(worker: FanoutWorker, host: str, port: int) -> ThreadingHTTPSer
                 code, body = (200 if alive else 503), {"ok": alive, "loop_stalled_seconds": round(stalled, 1)}
             elif self.path == "/status":
                 code, body = 200, status
+            elif self.path == "/metrics":
+                data = worker.metrics.render()
+                self.send_response(200)
+                self.send_header("Content-Type", CONTENT_TYPE)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+                return
             else:
                 code, body = 404, {"error": "not found"}
             data = json.dumps(body).encode()

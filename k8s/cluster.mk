@@ -8,6 +8,7 @@ K8S_VERSION     ?= v1.33.13
 KUBECTL_VERSION ?= $(K8S_VERSION)
 HELM_VERSION    ?= v3.19.5
 KUBE_SCORE_VERSION ?= v1.20.0
+KEDA_VERSION    ?= v2.21.0
 
 BIN_DIR      ?= $(CURDIR)/.bin
 FANOUT_CACHE ?= $(HOME)/.cache/fanout
@@ -26,7 +27,7 @@ K8S_SCRIPTS := k8s/scripts
 CLUSTER_ENV := KIND=$(KIND) KUBECTL=$(KUBECTL) CLUSTER_NAME=$(CLUSTER_NAME) \
                KIND_CONFIG=$(KIND_CONFIG) K8S_VERSION=$(K8S_VERSION) KIND_NODE_IMAGE=$(KIND_NODE_IMAGE)
 
-.PHONY: tools docker base-images node-image cluster cluster-delete test-cluster
+.PHONY: tools docker base-images node-image cluster keda cluster-delete test-cluster
 
 tools: ## Install pinned kind, kubectl, helm and kube-score into .bin/
 	$(K8S_SCRIPTS)/install-tools.sh $(BIN_DIR) $(KIND_VERSION) $(KUBECTL_VERSION) $(HELM_VERSION) $(KUBE_SCORE_VERSION)
@@ -42,6 +43,9 @@ node-image: docker ## Build (or reuse) the offline kind node image (cached by ve
 
 cluster: tools docker ## Create the kind cluster from k8s/kind.yaml (1 control plane, 2 workers, large pool) and wait for it
 	$(CLUSTER_ENV) $(K8S_SCRIPTS)/cluster-up.sh
+
+keda: cluster ## Install KEDA (KEDA_VERSION) into the kind cluster: official images, else built from the Go module proxy
+	KEDA_VERSION=$(KEDA_VERSION) $(CLUSTER_ENV) $(K8S_SCRIPTS)/keda-up.sh
 
 cluster-delete: tools ## Delete the kind cluster
 	$(KIND) delete cluster --name $(CLUSTER_NAME)

@@ -38,6 +38,7 @@ def _make_var(name: str, default: str) -> str:
 
 
 K8S_VERSION = _make_var("K8S_VERSION", "v1.33.13")
+KEDA_VERSION = _make_var("KEDA_VERSION", "v2.21.0")
 
 
 def _helm() -> str:
@@ -50,13 +51,11 @@ def _helm() -> str:
     return helm
 
 
-def _swagger_path() -> Path:
-    """swagger.json of k8s.io/kubernetes@K8S_VERSION: $K8S_SWAGGER, else the Go module cache
-    ($FANOUT_CACHE/go/mod, then `go env GOMODCACHE`), else `go mod download` it (the Go
-    module proxy is reachable where container registries are not)."""
-    if os.environ.get("K8S_SWAGGER"):
-        return Path(os.environ["K8S_SWAGGER"])
-    rel = Path(f"k8s.io/kubernetes@{K8S_VERSION}") / "api" / "openapi-spec" / "swagger.json"
+def _module_file(module: str, version: str, rel: str, hint: str) -> Path:
+    """`rel` inside Go module `module@version`: from the Go module cache ($FANOUT_CACHE/go/mod,
+    then `go env GOMODCACHE`), else `go mod download`ed (the Go module proxy is reachable
+    where container registries are not)."""
+    want = Path(f"{module}@{version}") / rel
     caches = [Path(os.environ.get("FANOUT_CACHE", Path.home() / ".cache" / "fanout")) / "go" / "mod"]
     # The same Go the cluster scripts use: the machine's if new enough, else one fetched
     # from the Go module proxy into $FANOUT_CACHE.
@@ -67,25 +66,33 @@ def _swagger_path() -> Path:
         if gomodcache:
             caches.append(Path(gomodcache))
     for cache in caches:
-        if (cache / rel).exists():
-            return cache / rel
+        if (cache / want).exists():
+            return cache / want
     if go:
         env = {**os.environ, "GOMODCACHE": str(caches[0]), "GOFLAGS": "-mod=mod", "GOTOOLCHAIN": "local"}
         proc = subprocess.run(
-            [go, "mod", "download", "-json", f"k8s.io/kubernetes@{K8S_VERSION}"],
+            [go, "mod", "download", "-json", f"{module}@{version}"],
             capture_output=True,
             text=True,
             env=env,
             cwd="/",
         )
         if proc.returncode == 0:
-            path = Path(json.loads(proc.stdout)["Dir"]) / "api" / "openapi-spec" / "swagger.json"
+            path = Path(json.loads(proc.stdout)["Dir"]) / rel
             if path.exists():
                 return path
     pytest.fail(
-        f"no Kubernetes OpenAPI schema for {K8S_VERSION}: looked for {rel} in {', '.join(map(str, caches))} "
-        f"and could not `go mod download` it; set K8S_SWAGGER=/path/to/swagger.json",
+        f"no {want}: looked in {', '.join(map(str, caches))} and could not `go mod download` it; {hint}",
         pytrace=False,
+    )
+
+
+def _swagger_path() -> Path:
+    """swagger.json of k8s.io/kubernetes@K8S_VERSION ($K8S_SWAGGER overrides)."""
+    if os.environ.get("K8S_SWAGGER"):
+        return Path(os.environ["K8S_SWAGGER"])
+    return _module_file(
+        "k8s.io/kubernetes", K8S_VERSION, "api/openapi-spec/swagger.json", "set K8S_SWAGGER=/path/to/swagger.json"
     )
 
 
@@ -96,7 +103,14 @@ def helm() -> str:
 
 @pytest.fixture(scope="session")
 def openapi() -> OpenAPI:
-    return OpenAPI(_swagger_path())
+    """The cluster's API, and KEDA's ScaledObject from the CRD of the KEDA version `make
+    e2e` installs (its Go module ships the CRDs)."""
+    api = OpenAPI(_swagger_path())
+    crd = _module_file(
+        "github.com/kedacore/keda/v2", KEDA_VERSION, "config/crd/bases/keda.sh_scaledobjects.yaml", "check KEDA_VERSION"
+    )
+    api.add_crd(yaml.safe_load(crd.read_text()))
+    return api
 
 
 class Rendered(list):

@@ -37,6 +37,19 @@ class OpenAPI:
             for gvk in d.get("x-kubernetes-group-version-kind", []):
                 self.by_gvk[(gvk["group"], gvk["version"], gvk["kind"])] = name
 
+    def add_crd(self, crd: dict[str, Any]) -> None:
+        """Also validate the custom resource a CustomResourceDefinition defines (each served
+        version's openAPIV3Schema; `metadata` is the standard ObjectMeta)."""
+        group, kind = crd["spec"]["group"], crd["spec"]["names"]["kind"]
+        for v in crd["spec"]["versions"]:
+            schema = copy.deepcopy(v["schema"]["openAPIV3Schema"])
+            schema.setdefault("properties", {})["metadata"] = {
+                "$ref": "#/definitions/io.k8s.apimachinery.pkg.apis.meta.v1.ObjectMeta"
+            }
+            name = f"crd.{group}.{v['name']}.{kind}"  # no '/': it is a JSON pointer
+            self.definitions[name] = _strict(schema)
+            self.by_gvk[(group, v["name"], kind)] = name
+
     def definition_for(self, api_version: str, kind: str) -> str:
         group, _, version = api_version.rpartition("/")
         try:

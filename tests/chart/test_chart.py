@@ -477,6 +477,83 @@ def test_metrics_disabled_keeps_the_reaper_on_its_loopback(render):
     assert env_of(pod_spec(docs.get("Deployment", REAPER))["containers"][0])["FANOUT_METRICS_HOST"] == "127.0.0.1"
 
 
+# --- autoscaling (KEDA) ------------------------------------------------------------------
+
+KEDA = ("--api-versions", "keda.sh/v1alpha1/ScaledObject")
+AUTO = {"pools": {"light": {"autoscaling": {"enabled": True, "minReplicas": 0, "maxReplicas": 4}}}}
+
+
+def test_an_autoscaled_pool_gets_a_keda_scaled_object_on_its_demand(render, openapi):
+    docs = render(AUTO, *KEDA)
+    (so,) = docs.all("ScaledObject")
+    assert openapi.errors(so) == []  # KEDA's own CRD schema, of the version `make e2e` installs
+    wrong = json.loads(json.dumps(so))
+    wrong["spec"]["minReplicas"] = 0  # KEDA calls it minReplicaCount: the check must be able to fail
+    assert any("minReplicas" in e for e in openapi.errors(wrong)), openapi.errors(wrong)
+    light = docs.get("Deployment", f"{FULL}-pool-light")
+    assert "replicas" not in light["spec"]  # KEDA owns it: an upgrade must not reset it
+    assert docs.get("Deployment", f"{FULL}-pool-heavy")["spec"]["replicas"] == 1  # not autoscaled
+    spec = so["spec"]
+    assert spec["scaleTargetRef"] == {"name": f"{FULL}-pool-light"}
+    assert (spec["minReplicaCount"], spec["maxReplicaCount"]) == (0, 4)
+    (trigger,) = spec["triggers"]
+    assert trigger["type"] == "metrics-api" and trigger["metricType"] == "AverageValue"
+    meta = trigger["metadata"]
+    # the reaper's Service, on the port it serves /metrics on, and this pool's demand
+    assert meta["url"] == f"http://{REAPER}.{NAMESPACE}.svc:8080/metrics"
+    assert docs.get("Service", REAPER)["spec"]["ports"][0]["port"] == 8080
+    assert meta["format"] == "prometheus" and meta["valueLocation"] == 'fanout_pool_demand{pool="light"}'
+    assert meta["targetValue"] == "8"  # default: the pool's limit, one pod per `limit` runs
+    assert meta["activationTargetValue"] == "0"  # from zero as soon as one run waits
+    down = spec["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]["scaleDown"]
+    assert down["policies"] == [{"type": "Percent", "value": 25, "periodSeconds": 15}]
+    assert down["stabilizationWindowSeconds"] == 60 and spec["cooldownPeriod"] == 60
+
+
+def test_autoscaling_settings_come_from_values(render):
+    auto = {"enabled": True, "minReplicas": 1, "maxReplicas": 9, "targetRunsPerReplica": 3, "pollingInterval": 2,
+            "cooldownPeriod": 30, "scaleDownStabilizationSeconds": 10, "scaleDownMaxPercent": 50}  # fmt: skip
+    (so,) = render({"pools": {"light": {"autoscaling": auto}}}, *KEDA).all("ScaledObject")
+    spec = so["spec"]
+    assert (spec["minReplicaCount"], spec["maxReplicaCount"], spec["pollingInterval"], spec["cooldownPeriod"]) == (
+        1, 9, 2, 30
+    )  # fmt: skip
+    assert spec["triggers"][0]["metadata"]["targetValue"] == "3"
+    down = spec["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]["scaleDown"]
+    assert down == {
+        "stabilizationWindowSeconds": 10,
+        "policies": [{"type": "Percent", "value": 50, "periodSeconds": 15}],
+    }
+
+
+def test_autoscaling_without_keda_installed_fails_naming_the_pool_and_keda(render_error):
+    err = render_error(AUTO)
+    assert "pools.light.autoscaling.enabled needs KEDA" in err and "keda.sh/v1alpha1 ScaledObject" in err
+
+
+@pytest.mark.parametrize(
+    ("auto", "message"),
+    [
+        (
+            {"minReplicas": 5, "maxReplicas": 2},
+            "pools.light.autoscaling.minReplicas (5) must not exceed maxReplicas (2)",
+        ),
+        ({"minReplicas": -1}, "/pools/light/autoscaling/minReplicas"),
+        ({"maxReplicas": 0}, "/pools/light/autoscaling/maxReplicas"),
+        ({"targetRunsPerReplica": 0}, "/pools/light/autoscaling/targetRunsPerReplica"),
+        ({"scaleDownMaxPercent": 101}, "/pools/light/autoscaling/scaleDownMaxPercent"),
+        ({"max": 3}, "'max' not allowed"),
+    ],
+)
+def test_bad_autoscaling_values_are_named(auto, message, render_error):
+    assert message in render_error({"pools": {"light": {"autoscaling": {"enabled": True, **auto}}}}, *KEDA)
+
+
+def test_autoscaling_needs_the_reapers_metrics(render_error):
+    err = render_error({**AUTO, "metrics": {"enabled": False}}, *KEDA)
+    assert "pools.light.autoscaling needs reaper.enabled and metrics.enabled" in err
+
+
 # --- storage --------------------------------------------------------------------------
 
 

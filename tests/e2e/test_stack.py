@@ -18,6 +18,7 @@ import os
 import re
 import subprocess
 import tempfile
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ from typing import Any
 import pytest
 import yaml
 from e2e_browser import (
+    ARTIFACTS,
     free_port,
     headless_chromium,
     log_in_to_prefect_ui,
@@ -335,6 +337,11 @@ def worker_status(stack: Stack, pod: str) -> dict[str, Any]:
 
 
 USER_TASKS = ["userwork.tasks:square", "userwork.bulk:slow_shout", "userwork.bulk:shout"]
+# A pool KEDA sizes on its demand, from zero: fast polling and a short cooldown so that the
+# test sees a whole cycle in minutes (the chart's defaults: 5 s, 60 s, 60 s).
+AUTO = f"{RELEASE}-pool-auto"
+AUTOSCALING = {"enabled": True, "minReplicas": 0, "maxReplicas": 4, "pollingInterval": 2, "cooldownPeriod": 20,
+               "scaleDownStabilizationSeconds": 10}  # fmt: skip
 LARGE_NODE = {
     "node_selector": {"fanout.io/pool": "large"},
     "tolerations": [{"key": "fanout.io/pool", "operator": "Equal", "value": "large", "effect": "NoSchedule"}],
@@ -351,7 +358,15 @@ def user_release(stack: Stack) -> tuple[str, str]:
     repo, tag = user_image(stack)
     stack.ui_port = free_port()
     values = {
-        "pools": {"user": {"replicas": 2, "limit": 4, "tasks": USER_TASKS}},
+        "pools": {
+            "user": {"replicas": 2, "limit": 4, "tasks": USER_TASKS},
+            "auto": {
+                "limit": 2,
+                "tasks": ["userwork.bulk:nap"],
+                "autoscaling": AUTOSCALING,
+                "resources": {"requests": {"cpu": "50m", "memory": "128Mi"}},
+            },
+        },
         "deployments": [
             {"name": "crunch", "entrypoint": "fanout_demo.tasks:crunch"},
             {
@@ -466,6 +481,58 @@ def test_the_release_serves_pool_and_worker_metrics_to_the_cluster(stack: Stack)
         assert metric(text, "fanout_worker_slots") >= 1, (ip, text[:2000])
     finished = sum(metric(t, "fanout_worker_runs_finished_total", pool="user") for t in got["workers"].values())
     assert finished >= 1, "the user pool's pods ran the user's fan-outs"
+
+
+def test_an_autoscaled_pool_grows_from_zero_with_its_backlog_and_goes_back_to_zero(stack: Stack) -> None:
+    """A pool with KEDA autoscaling (minReplicas 0, maxReplicas 4, 2 runs per pod) has no
+    pod; the user's fan-out of 300 one-second items (100 task runs, the last one 25 s
+    long) brings its first pod within 30 s, takes it to 4 pods and never more, scales it
+    down while that last run is still in flight, and back to 0 pods within cooldown + 60 s
+    of the end: every item exactly once. The times go to tests/.artifacts/autoscaling.json."""
+    repo, tag = user_release(stack)
+
+    def replicas() -> int:
+        return int(stack.cluster.json("-n", stack.namespace, "get", "deployment", AUTO)["spec"].get("replicas", 0))
+
+    eventually(lambda: replicas() == 0 and not stack.pods("fanout.io/pool=auto"), timeout=240, interval=2,
+               message="the autoscaled pool at zero pods before any work")  # fmt: skip
+    job = start_job(stack, user_call("nap_all(300, seconds=1.0, last=25.0)", "userwork.bulk"), image=f"{repo}:{tag}")
+    seen: list[tuple[float, int]] = []  # (time, spec.replicas)
+    deadline = time.time() + scaled(600)
+    while time.time() < deadline:
+        seen.append((time.time(), replicas()))
+        status = stack.cluster.json("-n", stack.namespace, "get", "job", job).get("status", {})
+        if status.get("succeeded") or status.get("failed"):
+            break
+        time.sleep(1)
+    got = wait_user_job(stack, job)
+    assert got["failed"] == {}, got["failed"]
+    assert [v.split("@")[0] for v in got["values"]] == [f"n{i}" for i in range(300)], "every item once, in order"
+    assert len({v.split("@")[1] for v in got["values"]}) >= 2, "the work spread over the new pods"
+    first_up = next(t for t, r in seen if r >= 1)
+    peak = max(r for _, r in seen)
+    at_peak = next(t for t, r in seen if r == peak)
+    down_in_flight = [t for t, r in seen if t > at_peak and r < peak]
+    assert peak == 4, f"rose to maxReplicas 4 and no more, saw {peak}"
+    assert down_in_flight, "scaled down while the last (25 s) run was still in flight"
+    zero_within = AUTOSCALING["cooldownPeriod"] + 60
+    eventually(lambda: replicas() == 0 and not stack.pods("fanout.io/pool=auto"), timeout=zero_within + 30,
+               interval=1, message="back to zero pods")  # fmt: skip
+    back_to_zero = time.time() - got["ended"]
+    times = {
+        "scale_up_seconds": round(first_up - got["started"], 1),
+        "to_max_seconds": round(at_peak - got["started"], 1),
+        "fan_out_seconds": round(got["ended"] - got["started"], 1),
+        "back_to_zero_seconds": round(back_to_zero, 1),
+        "task_runs": got["task_runs"],
+    }
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    (ARTIFACTS / "autoscaling.json").write_text(json.dumps(times, indent=2))
+    print("autoscaling:", times)
+    assert times["scale_up_seconds"] <= 30, times
+    assert back_to_zero <= zero_within, times
+    # pods taken away drained first: no run had to be delivered again
+    assert got["redelivered"] == 0, got
 
 
 def test_the_users_cpu_heavy_flow_runs_as_a_deployment_in_a_2_cpu_pod_on_the_large_node(stack: Stack) -> None:

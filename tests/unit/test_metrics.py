@@ -47,6 +47,8 @@ def test_pool_backlog_counts_the_runs_of_every_task_the_pool_serves():
 
     assert got[("fanout_pool_backlog", (("pool", "light"),))] == 8  # resize 7 + shared 1
     assert got[("fanout_pool_backlog", (("pool", "heavy"),))] == 3  # render 2 + shared 1, at zero workers
+    assert got[("fanout_pool_demand", (("pool", "light"),))] == 11  # + 3 running
+    assert got[("fanout_pool_demand", (("pool", "heavy"),))] == 3
     assert got[("fanout_pool_workers", (("pool", "light"),))] == 2
     assert got[("fanout_pool_workers", (("pool", "heavy"),))] == 0
     assert got[("fanout_pool_slots", (("pool", "light"),))] == 8

@@ -47,7 +47,7 @@ Fail fast with a message naming the value, for what values.schema.json cannot ex
 {{- end }}
 {{- end }}
 
-{{- $known := list "replicas" "limit" "tasks" "warmProcessPool" "resources" "nodeSelector" "tolerations" "affinity" "terminationGracePeriodSeconds" "podDisruptionBudget" "extraEnv" }}
+{{- $known := list "replicas" "limit" "tasks" "warmProcessPool" "resources" "nodeSelector" "tolerations" "affinity" "terminationGracePeriodSeconds" "podDisruptionBudget" "extraEnv" "autoscaling" }}
 {{- range $pool, $spec := .Values.pools }}
 {{- if not (regexMatch "^[a-z]([a-z0-9-]{0,28}[a-z0-9])?$" $pool) }}
 {{- fail (printf "pools.%s: a pool name must be a lowercase DNS label of at most 30 characters (it becomes part of resource names and FANOUT_POOL)" $pool) }}
@@ -66,6 +66,17 @@ Fail fast with a message naming the value, for what values.schema.json cannot ex
 {{- end }}
 {{- if and (hasKey $spec "limit") (lt (int $spec.limit) 1) }}
 {{- fail (printf "pools.%s.limit must be >= 1, got %v" $pool $spec.limit) }}
+{{- end }}
+{{- $auto := $spec.autoscaling | default dict }}
+{{- if $auto.enabled }}
+{{- $min := hasKey $auto "minReplicas" | ternary $auto.minReplicas 0 }}
+{{- $max := $auto.maxReplicas | default 10 }}
+{{- if gt (int $min) (int $max) }}
+{{- fail (printf "pools.%s.autoscaling.minReplicas (%v) must not exceed maxReplicas (%v)" $pool $min $max) }}
+{{- end }}
+{{- if not (and $.Values.reaper.enabled $.Values.metrics.enabled) }}
+{{- fail (printf "pools.%s.autoscaling needs reaper.enabled and metrics.enabled: KEDA reads the pool's demand from the reaper's metrics" $pool) }}
+{{- end }}
 {{- end }}
 {{- end }}
 {{- end }}

@@ -7,8 +7,9 @@
   The reaper reads every waiting run on each sweep anyway (to find the lost ones), so it
   counts them there: a scrape costs the Prefect server nothing, whatever the backlog.
 
-`fanout_pool_backlog{pool}` is what an autoscaler follows: runs of the pool's tasks
-scheduled and not yet taken by a worker.
+`fanout_pool_demand{pool}` is what an autoscaler follows: runs of the pool's tasks waiting
+for a worker or held by one (`fanout_pool_backlog`: only the waiting ones). Sizing on the
+waiting runs alone would remove pods while they still run work.
 """
 
 from __future__ import annotations
@@ -145,6 +146,10 @@ class PoolMetrics(Collector):
         pools = sorted(load.pools)
         families = {
             "backlog": ("fanout_pool_backlog", "Runs of the pool's tasks scheduled and not yet taken by a worker"),
+            "demand": (
+                "fanout_pool_demand",
+                "Runs of the pool's tasks waiting or held by a worker (what autoscaling follows)",
+            ),
             "workers": ("fanout_pool_workers", "Live workers of the pool (heartbeat younger than stale-after)"),
             "slots": ("fanout_pool_slots", "Task runs the pool's live workers take at once"),
             "free": ("fanout_pool_free_slots", "Slots of the pool's live workers not holding a run"),
@@ -154,6 +159,8 @@ class PoolMetrics(Collector):
             for pool in pools:
                 if what == "backlog":
                     value = sum(load.scheduled[k] for k in load.pools[pool])
+                elif what == "demand":
+                    value = sum(load.scheduled[k] + load.pending[k] + load.running[k] for k in load.pools[pool])
                 else:
                     value = getattr(load, what)[pool]
                 family.add_metric([pool], float(value))

@@ -71,3 +71,21 @@ def stream_pad(n: int) -> dict:
 def shout_task(word: str) -> str:
     """The same work as a Prefect task, for plain `.delay()`."""
     return shout(word)
+
+
+def nap(item: list) -> str:
+    """Sleeps `item[1]` seconds (keeps an autoscaled pool busy); says which pod ran it."""
+    name, seconds = item
+    time.sleep(seconds)
+    return f"{name}@{socket.gethostname()}"
+
+
+@flow
+def nap_all(n: int, seconds: float = 1.0, last: float = 0.0) -> dict:
+    """`n` naps through the fan-out API with automatic chunking; the last one `last` s."""
+    items = [[f"n{i}", seconds] for i in range(n)]
+    if last:
+        items[-1][1] = last
+    started = time.time()
+    out = summary(fanout.fan_out(nap, items, timeout=900))
+    return {**out, "started": started, "ended": time.time()}

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -475,6 +476,40 @@ def test_metrics_disabled_keeps_the_reaper_on_its_loopback(render):
     docs = render({"metrics": {"enabled": False}})
     assert REAPER not in docs.names("Service") and f"{FULL}-task-workers" not in docs.names("Service")
     assert env_of(pod_spec(docs.get("Deployment", REAPER))["containers"][0])["FANOUT_METRICS_HOST"] == "127.0.0.1"
+
+
+def exported_metric_names() -> set[str]:
+    """Every sample name our two metric sources expose (rendered from the code itself)."""
+    from prometheus_client import generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from fanout.liveness import Heartbeat
+    from fanout.metrics import Load, PoolMetrics, WorkerMetrics, pool_registry
+
+    worker = WorkerMetrics("p", 1, lambda: 0)
+    worker.finished("t-abc", "completed", 0.1)
+    pools = PoolMetrics()
+    load = Load()
+    load.add_workers([Heartbeat("c", "p", frozenset({"t-abc"}), frozenset(), 1, None, 0.0)])
+    load.scheduled["t-abc"] = 1
+    pools.update(load)
+    pools.recovered("t-abc", "redelivered")
+    texts = [worker.render().decode(), generate_latest(pool_registry(pools)).decode()]
+    return {s.name for t in texts for f in text_string_to_metric_families(t) for s in f.samples}
+
+
+def test_grafana_dashboard_queries_only_metrics_we_export(render):
+    docs = render({"metrics": {"grafanaDashboard": {"enabled": True}}})
+    cm = docs.get("ConfigMap", f"{FULL}-dashboard")
+    assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"  # the sidecar's default label
+    dashboard = json.loads(cm["data"]["fanout-pools.json"])
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    used = {m for e in exprs for m in re.findall(r"\b(fanout_[a-z_]+)", e)}
+    assert used <= exported_metric_names(), used - exported_metric_names()
+    titles = " ".join(p["title"] for p in dashboard["panels"]).lower()
+    for what in ("backlog", "throughput", "failures", "redelivered", "replicas"):
+        assert what in titles, what
+    assert not render().all("ConfigMap") or f"{FULL}-dashboard" not in render().names("ConfigMap")  # off by default
 
 
 # --- autoscaling (KEDA) ------------------------------------------------------------------

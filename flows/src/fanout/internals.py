@@ -222,6 +222,12 @@ def _install_prompt_heartbeats() -> None:
 # -- 4. process-pool submissions with a context serialised once ------------------------
 
 
+def pool_executor(runner: Any) -> Any:
+    """The `ProcessPoolExecutor` of a started `ProcessPoolTaskRunner` (None before start):
+    the warm pool checks it for a dead process and warms its processes up."""
+    return runner._executor
+
+
 class ContextSubmitter:
     """Submits task runs to a started `ProcessPoolTaskRunner` with the serialised run
     `context` and `env` given, instead of serialising them again on every submit."""

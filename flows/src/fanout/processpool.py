@@ -38,7 +38,7 @@ from prefect.context import SyncClientContext, serialize_context
 from prefect.task_runners import ProcessPoolTaskRunner
 
 from fanout.cpu import available_cpus
-from fanout.internals import ContextSubmitter, without_settings
+from fanout.internals import ContextSubmitter, pool_executor, without_settings
 
 log = logging.getLogger("fanout.worker")
 
@@ -87,7 +87,7 @@ _WARM_POOLS: dict[PoolKey, tuple[ProcessPoolTaskRunner, threading.Lock]] = {}
 def _is_broken(runner: ProcessPoolTaskRunner) -> bool:
     """True once one of the pool's processes has died (killed, out of memory): Python's
     ProcessPoolExecutor then refuses all further work, for the life of the pool."""
-    executor = runner._executor
+    executor = pool_executor(runner)
     return executor is None or bool(getattr(executor, "_broken", False))
 
 
@@ -157,7 +157,7 @@ def warm_process_pool(n: int | None = None) -> float:
     t0 = time.perf_counter()
     warm_engine()
     runner, _ = process_pool(n)
-    executor = runner._executor
+    executor = pool_executor(runner)
     assert executor is not None
     try:
         pids = {f.result() for f in [executor.submit(_warm_child, 1.0) for _ in range(n)]}

@@ -60,7 +60,18 @@ else
   shared=$(sed -n 's/^ *- hostPath: *//p' "$KIND_CONFIG" | sort -u)
   for d in $shared; do mkdir -p "$d" && chmod 1777 "$d"; done
   echo "cluster: creating $CLUSTER_NAME from $image" >&2
-  "$KIND" create cluster --name "$CLUSTER_NAME" --config "$KIND_CONFIG" --image "$image" --wait 5m
+  # kind gives each node's systemd a fixed time to boot; on a machine busy with builds
+  # it can miss that ("could not find a log line that matches ... Multi-User System"):
+  # try again, up to three times, before failing.
+  for attempt in 1 2 3; do
+    if "$KIND" create cluster --name "$CLUSTER_NAME" --config "$KIND_CONFIG" --image "$image" --wait 5m; then
+      break
+    fi
+    "$KIND" delete cluster --name "$CLUSTER_NAME" >/dev/null 2>&1 || true
+    [ "$attempt" -lt 3 ] || { echo "cluster: kind create cluster failed 3 times" >&2; exit 1; }
+    echo "cluster: creating $CLUSTER_NAME failed (attempt $attempt); trying again" >&2
+    sleep 10
+  done
   echo "$want" > "$marker"
   node_starts > "$marker.started"
 fi

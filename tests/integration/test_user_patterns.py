@@ -282,3 +282,19 @@ def test_the_users_flows_are_registered_as_deployments_the_way_the_chart_does(st
     assert proc.returncode != 0
     assert "deployment broken: cannot load the flow 'userwork.heavy:no_such_flow'" in proc.stderr, proc.stderr
     assert client.get("/deployments/name/cpu-census/census").json()["id"] == census["id"]
+
+    # --prune (the chart's hook): what the config no longer lists goes, if it was registered
+    # here (tag fanout.io/managed); a deployment made otherwise on the same pool stays.
+    other = client.post(
+        "/deployments/",
+        json={"name": "by-hand", "flow_id": census["flow_id"], "work_pool_name": "user-pods", "entrypoint": "x:y"},
+    )
+    assert other.status_code in (200, 201), other.text
+    config.write_text(json.dumps([entries[0]]))
+    proc = subprocess.run([*argv, "--prune"], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "deployment report deleted" in proc.stdout and "deployment elsewhere deleted" in proc.stdout, proc.stdout
+    assert client.get("/deployments/name/nightly-report/report").status_code == 404
+    assert client.get("/deployments/name/big-flow/elsewhere").status_code == 404
+    assert client.get("/deployments/name/cpu-census/census").json()["id"] == census["id"]
+    assert client.get("/deployments/name/cpu-census/by-hand").status_code == 200

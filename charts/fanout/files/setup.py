@@ -8,7 +8,8 @@
    variables (image, namespace, cpu/memory requests and limits, ...).
 3. storage.type s3: save the `s3-bucket` block that FANOUT_STORAGE names.
 4. Register the chart's `deployments` on the pool (`python -m fanout.deployments`): each
-   entry's image defaults to the chart's, its job variables must be the pool's.
+   entry's image defaults to the chart's, its job variables must be the pool's. Those it
+   registered before and the values no longer list are deleted (`--prune`).
 
 Everything it needs comes from one JSON file rendered by Helm (FANOUT_SETUP_CONFIG).
 Idempotent: every step overwrites what a previous run created.
@@ -43,7 +44,9 @@ def wait_for_server(api_url: str, timeout: float) -> None:
         except (urllib.error.URLError, OSError) as exc:
             last = str(exc)
         time.sleep(3)
-    sys.exit(f"setup: the Prefect server at {api_url} was not healthy within {timeout:.0f}s ({last})")
+    sys.exit(
+        f"setup: the Prefect server at {api_url} was not healthy within {timeout:.0f}s ({last})"
+    )
 
 
 def base_job_template(cfg: dict[str, Any], default: dict[str, Any]) -> dict[str, Any]:
@@ -86,12 +89,16 @@ def base_job_template(cfg: dict[str, Any], default: dict[str, Any]) -> dict[str,
     }
     for key, value in cfg["jobVariables"].items():
         if key not in props:
-            sys.exit(f"setup: job variable {key!r} is not in the work pool's template; known: {sorted(props)}")
+            sys.exit(
+                f"setup: job variable {key!r} is not in the work pool's template; known: {sorted(props)}"
+            )
         props[key]["default"] = value
     return template
 
 
-def deployment_entries(cfg: dict[str, Any], template: dict[str, Any]) -> list[dict[str, Any]]:
+def deployment_entries(
+    cfg: dict[str, Any], template: dict[str, Any]
+) -> list[dict[str, Any]]:
     """The chart's `deployments`, each with the chart's image unless it names its own; a job
     variable the work pool does not know is named here (the schema checks it at install)."""
     known = template["variables"]["properties"]
@@ -116,10 +123,20 @@ def save_s3_block(storage: dict[str, Any]) -> None:
             "setup: storage.type=s3 needs prefect-aws in the runtime image "
             "(add it to flows/pyproject.toml, re-lock, rebuild the image)"
         )
-    params = AwsClientParameters(endpoint_url=storage["endpointUrl"]) if storage.get("endpointUrl") else None
+    params = (
+        AwsClientParameters(endpoint_url=storage["endpointUrl"])
+        if storage.get("endpointUrl")
+        else None
+    )
     # No keys in the block: every pod gets them from the Secret as AWS_* variables.
-    credentials = AwsCredentials(aws_client_parameters=params) if params else AwsCredentials()
-    block = S3Bucket(bucket_name=storage["bucket"], bucket_folder=storage.get("folder") or "", credentials=credentials)
+    credentials = (
+        AwsCredentials(aws_client_parameters=params) if params else AwsCredentials()
+    )
+    block = S3Bucket(
+        bucket_name=storage["bucket"],
+        bucket_folder=storage.get("folder") or "",
+        credentials=credentials,
+    )
     block.save(storage["blockName"], overwrite=True)
     log(f"saved block s3-bucket/{storage['blockName']} (bucket {storage['bucket']})")
 
@@ -155,24 +172,26 @@ def main() -> None:
     if cfg.get("s3"):
         save_s3_block(cfg["s3"])
 
+    # Also with an empty list: deployments an earlier release registered and the values no
+    # longer list are deleted (--prune; only those this hook registered).
     deployments = deployment_entries(cfg, template)
-    if deployments:
-        path = "/tmp/deployments.json"
-        with open(path, "w") as f:
-            json.dump(deployments, f, indent=2)
-        run(
-            sys.executable,
-            "-m",
-            "fanout.deployments",
-            "--work-pool",
-            cfg["workPool"],
-            "--config",
-            path,
-            "--image-pull-policy",
-            cfg["imagePullPolicy"],
-        )
-    else:
+    if not deployments:
         log("no deployments to register (deployments: [])")
+    path = "/tmp/deployments.json"
+    with open(path, "w") as f:
+        json.dump(deployments, f, indent=2)
+    run(
+        sys.executable,
+        "-m",
+        "fanout.deployments",
+        "--work-pool",
+        cfg["workPool"],
+        "--config",
+        path,
+        "--image-pull-policy",
+        cfg["imagePullPolicy"],
+        "--prune",
+    )
     log("done")
 
 

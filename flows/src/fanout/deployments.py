@@ -16,7 +16,10 @@ What the chart's `deployments` values become (its setup hook runs
   parameter schema that the API checks runs against.
 
 The code is in the image, so nothing is uploaded or pulled at run time. Registering is
-idempotent: a deployment of the same flow and name is updated in place.
+idempotent: a deployment of the same flow and name is updated in place. Every deployment
+registered here carries the tag `fanout.io/managed`; with `--prune`, those of the work
+pool that the config no longer lists are deleted (an entry removed from the chart's values
+goes away on the next upgrade; deployments made by other means are never touched).
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ MODULE_REF = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-
 SCRIPT_REF = re.compile(r"^/[^:]*\.py:[A-Za-z_][A-Za-z0-9_]*$")
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 KEYS = {"name", "entrypoint", "jobVariables", "image", "description", "flowName"}
+MANAGED_TAG = "fanout.io/managed"
 
 
 class DeploymentError(ValueError):
@@ -143,6 +147,7 @@ async def aregister(spec: DeploymentSpec, work_pool: str, defaults: dict[str, An
             description=description,
             parameter_openapi_schema=schema,
             enforce_parameter_schema=schema is not None,
+            tags=[MANAGED_TAG],
         )
     return f"{flow_name}/{spec.name}", deployment_id
 
@@ -150,6 +155,30 @@ async def aregister(spec: DeploymentSpec, work_pool: str, defaults: dict[str, An
 def register(spec: DeploymentSpec, work_pool: str, defaults: dict[str, Any] | None = None) -> tuple[str, UUID]:
     """Sync `aregister`."""
     return asyncio.run(aregister(spec, work_pool, defaults))
+
+
+async def aprune(work_pool: str, keep: set[UUID]) -> list[str]:
+    """Delete the work pool's deployments tagged `fanout.io/managed` whose id is not in
+    `keep`; returns their names."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        DeploymentFilter,
+        DeploymentFilterTags,
+        WorkPoolFilter,
+        WorkPoolFilterName,
+    )
+
+    gone = []
+    async with get_client() as client:
+        found = await client.read_deployments(
+            deployment_filter=DeploymentFilter(tags=DeploymentFilterTags(all_=[MANAGED_TAG])),
+            work_pool_filter=WorkPoolFilter(name=WorkPoolFilterName(any_=[work_pool])),
+        )
+        for d in found:
+            if d.id not in keep:
+                await client.delete_deployment(d.id)
+                gone.append(d.name)
+    return gone
 
 
 def load_specs(entries: list[dict[str, Any]]) -> list[DeploymentSpec]:
@@ -173,6 +202,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--work-pool", required=True, help="work pool the deployments run on")
     p.add_argument("--config", required=True, help="JSON file: a list of entries like the chart's `deployments`")
     p.add_argument("--image-pull-policy", default=None, help="job variable image_pull_policy of every deployment")
+    p.add_argument(
+        "--prune",
+        action="store_true",
+        help="delete the work pool's deployments registered here before (tag fanout.io/managed) that the config "
+        "no longer lists",
+    )
     args = p.parse_args(argv)
     with open(args.config) as f:
         entries = json.load(f)
@@ -183,12 +218,17 @@ def main(argv: list[str] | None = None) -> None:
     except DeploymentError as exc:
         sys.exit(f"fanout.deployments: {exc}")
     defaults = {"image_pull_policy": args.image_pull_policy} if args.image_pull_policy else {}
+    kept = set()
     for spec in specs:
         try:
             full_name, deployment_id = register(spec, args.work_pool, defaults)
         except DeploymentError as exc:
             sys.exit(f"fanout.deployments: {exc}")
+        kept.add(deployment_id)
         print(f"deployment {full_name} ({deployment_id}) on work pool {args.work_pool!r}: {spec.entrypoint}")
+    if args.prune:
+        for name in asyncio.run(aprune(args.work_pool, kept)):
+            print(f"deployment {name} deleted: no longer in the config")
 
 
 if __name__ == "__main__":

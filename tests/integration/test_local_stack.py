@@ -282,3 +282,25 @@ def alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     return True
+
+
+def test_make_run_fans_out_and_prints_each_pools_figures(tmp_path: Path) -> None:
+    """`make run` (python -m fanout_demo.demo) on a stack of its own: every item handled by
+    one of its two light workers, and the pools table from the metrics: the light pool's
+    2 live workers, no backlog left, its task runs completed, none failed or recovered."""
+    argv = [sys.executable, "-m", "fanout_demo.demo", "--items", "120", "--heavy-batches", "0", "--dir", str(tmp_path)]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = proc.stdout
+    per_worker = [
+        int(line.split()[-1])
+        for line in out.split("items per worker process:")[1].split("\n\n")[0].splitlines()
+        if line.strip()
+    ]
+    assert sum(per_worker) == 120 and len(per_worker) == 2, out
+    table = out.split("task runs per pool (the dashboard's metrics):\n")[1].splitlines()
+    assert table[0].split() == ["pool", "workers", "slots", "backlog", "completed", "failed", "recovered"], out
+    light = next(line.split() for line in table if line.startswith("light"))
+    workers, slots, backlog, completed, failed, recovered = map(int, light[1:])
+    assert (workers, slots, backlog, failed, recovered) == (2, 16, 0, 0, 0), out
+    assert completed >= 1, out

@@ -6,7 +6,7 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from fanout.liveness import Heartbeat
-from fanout.metrics import Load, PoolMetrics, WorkerMetrics, pool_registry
+from fanout.metrics import Load, PoolMetrics, WorkerMetrics, pool_registry, pool_report
 
 
 def samples(text: bytes) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -93,3 +93,25 @@ def test_the_reapers_pools_are_the_task_keys_the_workers_subscribe_to(caplog):
     assert pools == {"light": {chunk_key(process_item)}}  # a plain function: its chunk task
     assert "pool 'typo'" in caplog.text and "nope" in caplog.text  # skipped, said, not fatal
     assert configured_pools("") == {}
+
+
+def test_the_pool_report_puts_the_reaper_and_the_workers_figures_side_by_side():
+    load = Load(at=1.0)
+    load.add_workers([beat("light", {"resize-aaa"}, 4, 1), beat("light", {"resize-aaa"}, 4, 0)])
+    load.scheduled.update({"resize-aaa": 7})
+    pools = PoolMetrics()
+    pools.update(load)
+    pools.recovered("resize-aaa", "redelivered")
+    pools.recovered("resize-aaa", "requeued")
+    worker = WorkerMetrics("light", 4, in_flight=lambda: 1)
+    for state in ("completed", "completed", "failed", "crashed"):
+        worker.finished("resize-aaa", state, 0.5)
+    other = WorkerMetrics("light", 4, in_flight=lambda: 0)
+    other.finished("resize-aaa", "completed", 0.5)
+
+    report = pool_report(
+        generate_latest(pool_registry(pools)).decode(), [worker.render().decode(), other.render().decode()]
+    )
+    header, row = report.splitlines()
+    assert header.split() == ["pool", "workers", "slots", "backlog", "completed", "failed", "recovered"]
+    assert row.split() == ["light", "2", "8", "7", "3", "2", "2"]  # crashed counts as failed

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import pwd
+import re
 import shutil
 import signal
 import socket
@@ -26,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from fanout import settings
+from fanout import metrics, settings
 
 
 def free_port() -> int:
@@ -339,6 +340,34 @@ class LocalStack:
 
     def workers(self) -> list[Proc]:
         return [p for p in self.procs if p.name.startswith("worker-")]
+
+    def pool_report(self, since: float | None = None, timeout: float = 30) -> str:
+        """The pools' figures from the reaper's and the live workers' /metrics (as the
+        dashboard shows them), from a reaper sweep made after `since` (default: now);
+        empty without a reaper."""
+        since = time.time() if since is None else since
+
+        def scrape(proc: Proc) -> str:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{proc.port}/metrics", timeout=10) as r:
+                    return r.read().decode()
+            except OSError:
+                return ""
+
+        reaper = [p for p in self.procs if p.name == "reaper" and p.alive()]
+        if not reaper:
+            return ""
+        swept = re.compile(r"^fanout_last_sweep_timestamp_seconds ([0-9.e+]+)$", re.M)
+
+        seen: list[str] = []
+
+        def fresh() -> bool:
+            m = swept.search(text := scrape(reaper[0]))
+            seen.append(text)
+            return bool(m and float(m.group(1)) >= since)
+
+        wait_until(fresh, timeout, "a reaper sweep", reaper[0].popen)
+        return metrics.pool_report(seen[-1], [scrape(w) for w in self.workers() if w.alive()])
 
     # -- lifecycle -------------------------------------------------------------------
     def __enter__(self) -> LocalStack:

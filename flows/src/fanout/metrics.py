@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from prometheus_client import CollectorRegistry, Gauge, Histogram, generate_latest
 from prometheus_client import Counter as PromCounter
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
 from fanout.liveness import Heartbeat, task_name
@@ -184,3 +185,31 @@ def pool_registry(metrics: PoolMetrics) -> CollectorRegistry:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(metrics)
     return registry
+
+
+def pool_report(reaper: str, workers: Iterable[str]) -> str:
+    """The dashboard's figures as a table, for a terminal: per pool, its live workers and
+    slots, the runs waiting, the runs its workers finished (completed, failed) and the
+    runs the reaper recovered. `reaper` and `workers` are their /metrics texts."""
+    rows: dict[str, Counter[str]] = {}
+
+    def add(text: str, wanted: Mapping[str, str]) -> None:
+        for family in text_string_to_metric_families(text):
+            for s in family.samples:
+                column = wanted.get(s.name)
+                if column == "finished":
+                    column = s.labels.get("state", "")
+                    if column not in ("completed", "failed"):
+                        column = "failed" if column == "crashed" else ""
+                if column and "pool" in s.labels:
+                    rows.setdefault(s.labels["pool"], Counter())[column] += s.value
+
+    add(reaper, {"fanout_pool_workers": "workers", "fanout_pool_slots": "slots",
+                 "fanout_pool_backlog": "backlog", "fanout_recovered_runs_total": "recovered"})  # fmt: skip
+    for text in workers:
+        add(text, {"fanout_worker_runs_finished_total": "finished"})
+    columns = ("workers", "slots", "backlog", "completed", "failed", "recovered")
+    lines = [f"{'pool':<12}" + "".join(f"{c:>11}" for c in columns)]
+    for pool, row in sorted(rows.items()):
+        lines.append(f"{pool or '(none)':<12}" + "".join(f"{int(row[c]):>11}" for c in columns))
+    return "\n".join(lines)

@@ -66,6 +66,7 @@ def main(argv: list[str] | None = None) -> None:
                         f"heavy subflow: {h['processes']} processes, pool {h['seconds']:.2f}s vs serial "
                         f"{h['serial_seconds']:.2f}s: speed-up {h['serial_seconds'] / h['seconds']:.2f}x"
                     )
+        print(f"\ntask runs per pool (the dashboard's metrics):\n{stack.pool_report()}")
         print(f"logs: {root / 'logs'}")
     sys.exit(max(codes))
 

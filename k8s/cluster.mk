@@ -27,7 +27,7 @@ K8S_SCRIPTS := k8s/scripts
 CLUSTER_ENV := KIND=$(KIND) KUBECTL=$(KUBECTL) CLUSTER_NAME=$(CLUSTER_NAME) \
                KIND_CONFIG=$(KIND_CONFIG) K8S_VERSION=$(K8S_VERSION) KIND_NODE_IMAGE=$(KIND_NODE_IMAGE)
 
-.PHONY: tools docker base-images node-image cluster keda cluster-delete test-cluster
+.PHONY: tools docker base-images node-image cluster keda keda-images e2e-prepare cluster-delete test-cluster
 
 tools: ## Install pinned kind, kubectl, helm and kube-score into .bin/
 	$(K8S_SCRIPTS)/install-tools.sh $(BIN_DIR) $(KIND_VERSION) $(KUBECTL_VERSION) $(HELM_VERSION) $(KUBE_SCORE_VERSION)
@@ -46,6 +46,11 @@ cluster: tools docker ## Create the kind cluster from k8s/kind.yaml (1 control p
 
 keda: cluster ## Install KEDA (KEDA_VERSION) into the kind cluster: official images, else built from the Go module proxy
 	KEDA_VERSION=$(KEDA_VERSION) $(CLUSTER_ENV) $(K8S_SCRIPTS)/keda-up.sh
+
+keda-images: docker ## Get KEDA's images only (pulled, else built), no cluster needed
+	KEDA_IMAGES_ONLY=1 KEDA_VERSION=$(KEDA_VERSION) $(CLUSTER_ENV) $(K8S_SCRIPTS)/keda-up.sh
+
+e2e-prepare: tools node-image keda-images ## Build what the cluster tier needs, before any cluster exists (CI runs it beside make test)
 
 cluster-delete: tools ## Delete the kind cluster
 	$(KIND) delete cluster --name $(CLUSTER_NAME)

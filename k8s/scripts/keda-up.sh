@@ -5,7 +5,8 @@
 # official names, and the module's own manifests (config/minimal: CRDs, RBAC, operator,
 # metrics server; no admission webhooks). Binaries are cached by version in $FANOUT_CACHE.
 #
-# Env: KEDA_VERSION (v2.21.0), KIND, KUBECTL, CLUSTER_NAME.
+# Env: KEDA_VERSION (v2.21.0), KIND, KUBECTL, CLUSTER_NAME; KEDA_IMAGES_ONLY=1 only gets
+# the images (no cluster needed: CI builds them while the tests that need none run).
 set -euo pipefail
 
 version=${KEDA_VERSION:?KEDA_VERSION, e.g. v2.21.0}
@@ -19,7 +20,8 @@ operator=ghcr.io/kedacore/keda:$tag
 adapter=ghcr.io/kedacore/keda-metrics-apiserver:$tag
 k() { "$kubectl" --context "kind-$cluster" "$@"; }
 
-installed=$(k -n keda get deployment keda-operator -o jsonpath='{.spec.template.spec.containers[0].image}' 2>/dev/null || true)
+images_only=${KEDA_IMAGES_ONLY:-0}
+installed=$([ "$images_only" = 1 ] || k -n keda get deployment keda-operator -o jsonpath='{.spec.template.spec.containers[0].image}' 2>/dev/null || true)
 if [ "$installed" = "$operator" ] && k -n keda rollout status deployment/keda-operator --timeout=5s >/dev/null 2>&1 \
   && k -n keda rollout status deployment/keda-operator-metrics-apiserver --timeout=5s >/dev/null 2>&1; then
   echo "keda: $version already installed"
@@ -49,12 +51,10 @@ EOF
   rm -rf "$ctx"
 }
 
-manifest=""
 if docker image inspect "$operator" "$adapter" >/dev/null 2>&1; then
   echo "keda: images $operator, $adapter present"
 elif timeout 120 docker pull -q "$operator" >/dev/null 2>&1 && timeout 120 docker pull -q "$adapter" >/dev/null 2>&1; then
   echo "keda: pulled the official images"
-  manifest=$(curl -fsSL --max-time 60 "https://github.com/kedacore/keda/releases/download/$version/keda-$tag-core.yaml" || true)
 else
   echo "keda: no registry; building $version from the Go module proxy (cold: ~10 minutes)"
   dir=$(module_dir)
@@ -77,6 +77,12 @@ else
   build_image "$operator" "$cache/bin/keda-operator-$version" keda
   build_image "$adapter" "$cache/bin/keda-adapter-$version" keda-adapter
 fi
+if [ "$images_only" = 1 ]; then
+  echo "keda: images ready"
+  exit 0
+fi
+# The release's manifest where its host answers, else the module's own kustomization.
+manifest=$(curl -fsSL --max-time 30 "https://github.com/kedacore/keda/releases/download/$version/keda-$tag-core.yaml" || true)
 if [ -z "$manifest" ]; then
   dir=${dir:-$(module_dir)}
   # The module's own kustomization, images pinned to this version and never pulled.

@@ -485,7 +485,7 @@ def test_the_release_serves_pool_and_worker_metrics_to_the_cluster(stack: Stack)
 
 def test_an_autoscaled_pool_grows_from_zero_with_its_backlog_and_goes_back_to_zero(stack: Stack) -> None:
     """A pool with KEDA autoscaling (minReplicas 0, maxReplicas 4, 2 runs per pod) has no
-    pod; the user's fan-out of 300 one-second items (100 task runs, the last one 25 s
+    pod; the user's fan-out of 300 one-second items (100 task runs, the last one 45 s
     long) brings its first pod within 30 s, takes it to 4 pods and never more, scales it
     down while that last run is still in flight, and back to 0 pods within cooldown + 60 s
     of the end: every item exactly once. The times go to tests/.artifacts/autoscaling.json."""
@@ -496,7 +496,7 @@ def test_an_autoscaled_pool_grows_from_zero_with_its_backlog_and_goes_back_to_ze
 
     eventually(lambda: replicas() == 0 and not stack.pods("fanout.io/pool=auto"), timeout=240, interval=2,
                message="the autoscaled pool at zero pods before any work")  # fmt: skip
-    job = start_job(stack, user_call("nap_all(300, seconds=1.0, last=25.0)", "userwork.bulk"), image=f"{repo}:{tag}")
+    job = start_job(stack, user_call("nap_all(300, seconds=1.0, last=45.0)", "userwork.bulk"), image=f"{repo}:{tag}")
     seen: list[tuple[float, int]] = []  # (time, spec.replicas)
     deadline = time.time() + scaled(600)
     while time.time() < deadline:
@@ -514,7 +514,7 @@ def test_an_autoscaled_pool_grows_from_zero_with_its_backlog_and_goes_back_to_ze
     at_peak = next(t for t, r in seen if r == peak)
     down_in_flight = [t for t, r in seen if t > at_peak and r < peak]
     assert peak == 4, f"rose to maxReplicas 4 and no more, saw {peak}"
-    assert down_in_flight, "scaled down while the last (25 s) run was still in flight"
+    assert down_in_flight, "scaled down while the last (45 s) run was still in flight"
     zero_within = AUTOSCALING["cooldownPeriod"] + 60
     eventually(lambda: replicas() == 0 and not stack.pods("fanout.io/pool=auto"), timeout=zero_within + 30,
                interval=1, message="back to zero pods")  # fmt: skip

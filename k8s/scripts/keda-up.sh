@@ -22,8 +22,8 @@ k() { "$kubectl" --context "kind-$cluster" "$@"; }
 
 images_only=${KEDA_IMAGES_ONLY:-0}
 installed=$([ "$images_only" = 1 ] || k -n keda get deployment keda-operator -o jsonpath='{.spec.template.spec.containers[0].image}' 2>/dev/null || true)
-if [ "$installed" = "$operator" ] && k -n keda rollout status deployment/keda-operator --timeout=5s >/dev/null 2>&1 \
-  && k -n keda rollout status deployment/keda-operator-metrics-apiserver --timeout=5s >/dev/null 2>&1; then
+if [ "$installed" = "$operator" ] && k -n keda wait --for=condition=Available deployment --all --timeout=5s >/dev/null 2>&1 \
+  && k wait --for=condition=Available apiservice/v1beta1.external.metrics.k8s.io --timeout=5s >/dev/null 2>&1; then
   echo "keda: $version already installed"
   exit 0
 fi
@@ -87,14 +87,24 @@ if [ -z "$manifest" ]; then
   dir=${dir:-$(module_dir)}
   # The module's own kustomization, images pinned to this version and never pulled.
   manifest=$(k kustomize "$dir/config/minimal" \
-    | sed -e "s#ghcr.io/kedacore/keda:latest#$operator#" \
-          -e "s#ghcr.io/kedacore/keda-metrics-apiserver:latest#$adapter#" \
+    | sed -e "s#ghcr.io/kedacore/keda:[^\"'[:space:]]*#$operator#" \
+          -e "s#ghcr.io/kedacore/keda-metrics-apiserver:[^\"'[:space:]]*#$adapter#" \
           -e "s#imagePullPolicy: Always#imagePullPolicy: IfNotPresent#")
 fi
 
+# The manifest's documents with (1) or without (0) the APIService of the metrics adapter.
+docs() { printf '%s\n' "$manifest" | awk -v want="$1" 'BEGIN { RS = "\n---\n" }
+  { api = ($0 ~ /(^|\n)kind: APIService\n/) } (api && want == 1) || (!api && want == 0) { printf "%s\n---\n", $0 }'; }
+
 "$kind" load docker-image --name "$cluster" "$operator" "$adapter"
-printf '%s\n' "$manifest" | k apply --server-side --force-conflicts -f - >/dev/null
-k -n keda rollout status deployment/keda-operator --timeout=300s
-k -n keda rollout status deployment/keda-operator-metrics-apiserver --timeout=300s
+docs 0 | k apply --server-side --force-conflicts -f - >/dev/null
+# (The operator and its metrics server; their names differ between the release manifest
+# and the module's kustomization.)
+k -n keda wait --for=condition=Available deployment --all --timeout=300s
+# The APIService only now: registered together with its Service, the API server's first
+# discovery check can race kube-proxy's rules for the new Service IP, and on a machine
+# whose gateway answers any address (a transparent proxy) it keeps that HTTP/2
+# connection, never reaching KEDA (seen here: FailedDiscoveryCheck, 404, for good).
+docs 1 | k apply --server-side --force-conflicts -f - >/dev/null
 k wait --for=condition=Available apiservice/v1beta1.external.metrics.k8s.io --timeout=300s
 echo "keda: $version ready"

@@ -13,6 +13,11 @@ bin_dir=${1:?usage: install-tools.sh BIN_DIR KIND_VERSION KUBECTL_VERSION HELM_V
 kind_version=${2:?} kubectl_version=${3:?} helm_version=${4:?} kube_score_version=${5:-}
 here=$(cd "$(dirname "$0")" && pwd)
 cache=${FANOUT_CACHE:-$HOME/.cache/fanout}
+mkdir -p "$cache"
+# One install at a time (CI runs `make e2e-prepare` beside `make test`, whose chart tests
+# need helm and kube-score): the second waits, then finds everything cached.
+exec 9>"$cache/.install-tools.lock"
+flock 9
 go=$("$(cd "$(dirname "$0")" && pwd)/ensure-go.sh")
 mkdir -p "$bin_dir" "$cache/bin"
 

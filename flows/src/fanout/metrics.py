@@ -187,6 +187,10 @@ def pool_registry(metrics: PoolMetrics) -> CollectorRegistry:
     return registry
 
 
+# A worker's final states as the report's columns (others, e.g. cancelled, are not shown).
+FINISHED_COLUMN = {"completed": "completed", "failed": "failed", "crashed": "failed"}
+
+
 def pool_report(reaper: str, workers: Iterable[str]) -> str:
     """The dashboard's figures as a table, for a terminal: per pool, its live workers and
     slots, the runs waiting, the runs its workers finished (completed, failed) and the
@@ -198,9 +202,7 @@ def pool_report(reaper: str, workers: Iterable[str]) -> str:
             for s in family.samples:
                 column = wanted.get(s.name)
                 if column == "finished":
-                    column = s.labels.get("state", "")
-                    if column not in ("completed", "failed"):
-                        column = "failed" if column == "crashed" else ""
+                    column = FINISHED_COLUMN.get(s.labels.get("state", ""))
                 if column and "pool" in s.labels:
                     rows.setdefault(s.labels["pool"], Counter())[column] += s.value
 

@@ -207,6 +207,10 @@ class Ours:
     def __init__(self, root: Path) -> None:
         self.stack = DemoStack(root, ui=False).__enter__()
         self.workers: list[Any] = []
+        # The reaper runs as it does in a release (its sweeps cost the server some CPU,
+        # counted in the server's figures) and gives each run's pools table.
+        self.stack.start_reaper(interval=5.0, stale_after=30.0)
+        self.pools: dict[str, str] = {}  # "<system> <scenario>" -> the pools table after it
 
     def set_workers(self, n: int, limit: int) -> None:
         for w in self.workers:
@@ -250,6 +254,9 @@ class Ours:
         if proc.returncode != 0:
             raise RuntimeError(f"{label} {sc.name} failed: {proc.stderr[-2000:]}")
         s = json.loads(out.read_text())
+        # The dashboard's figures for this run (its workers' counters start at zero).
+        table = self.pools[f"{label} {sc.name}"] = self.stack.pool_report()
+        say(f"{label} {sc.name}, task runs per pool:\n{table}")
         check(s["results"], sc)
         return Result(label, sc.name, sc.items, s["seconds"], {
             "task_runs": s["task_runs"], "chunk_size": s["chunk_size"], "submit_seconds": s["submit_seconds"],
@@ -433,6 +440,10 @@ def report(results: list[Result], extra: dict[str, Any], out_dir: Path) -> None:
         data["runs"].append({**asdict(r), "items_per_second": r.items_per_second, "ratio_to_trivial_1k": ratios})
         rs = " ".join(f"{k} {v}x" for k, v in ratios.items())
         lines.append(f"{r.scenario:<12} {r.system:<20} {r.seconds:>8.2f} {r.items_per_second:>9.1f} {'':>7}  {rs}")
+    pools = extra.get("pools", {})
+    if pools:  # the last of our runs, as the dashboard shows it (every run's in bench.json)
+        last = list(pools)[-1]
+        lines += ["", f"task runs per pool after {last} (the dashboard's metrics):", pools[last]]
     text = "\n".join(lines)
     print("\n" + text, flush=True)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -536,6 +547,7 @@ def main(argv: list[str] | None = None) -> None:
             say("a user's process-pool subflow: serial vs ProcessPoolTaskRunner vs WarmProcessPoolTaskRunner")
             extra["user_subflow"] = ours.user_subflow([(40, 200.0), (40, 500.0), (40, 32.0)])
     finally:
+        extra["pools"] = ours.pools
         ours.close()
         shutil.rmtree(root, ignore_errors=True)
     report(results, extra, args.out)

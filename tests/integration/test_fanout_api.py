@@ -188,3 +188,27 @@ def test_metrics_show_the_backlog_the_workers_and_what_was_recovered(stack: Loca
     assert sample(w, "fanout_worker_runs_finished_total", state="completed") >= 1, w
     assert sample(w, "fanout_worker_slots", pool="user") == 2
     assert sample(w, "fanout_worker_run_duration_seconds_count") == sample(w, "fanout_worker_runs_finished_total")
+
+
+def test_a_backlog_longer_than_a_sweep_reads_is_counted_by_the_server(stack: LocalStack, workers: list[Proc]) -> None:
+    """A reaper that reads only the 3 oldest runs per state (`--backlog-scan 3`; an
+    observer: its stale-after of an hour recovers nothing) still reports the whole backlog:
+    the server's exact count, the pool's share extrapolated and flagged as estimated."""
+    observer = stack.start_reaper(interval=1.0, stale_after=3600, backlog_scan=3)
+    try:
+        workers.append(user_worker(stack, limit=1))
+        proc = start(stack, "slow_shout_all(12, chunk_size=1)")  # 12 runs of 1 s on 1 slot
+
+        def long_backlog(m: Any) -> bool:
+            return sample(m, "fanout_all_task_runs", state="scheduled") >= 6
+
+        m = scrape_until(observer.port, long_backlog, 60, "a backlog of 6 or more")
+        total = sample(m, "fanout_all_task_runs", state="scheduled")
+        assert sample(m, "fanout_backlog_estimated") == 1, m
+        assert 3 < sample(m, "fanout_pool_backlog", pool="user") <= total, m
+        assert finish(proc, 300)["failed"] == {}
+        m = scrape_until(observer.port, lambda m: sample(m, "fanout_pool_backlog", pool="user") == 0, 30, "no backlog")
+        assert sample(m, "fanout_backlog_estimated") == 0, m
+    finally:
+        observer.stop()
+        stack.procs.remove(observer)

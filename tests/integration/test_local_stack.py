@@ -158,7 +158,7 @@ def test_bad_input_fails_clearly_and_creates_no_task_runs(stack: LocalStack, tmp
         ("--items", "ten"): "invalid int value: 'ten'",
         # oversized: refused up front instead of flooding the server
         ("--items", "1000000000"): "items must be <= 10,000,000 per fan-out",
-        ("--items", "1000000", "--chunk-size", "1"): "would create 1,000,000 task runs, more than 100,000",
+        ("--items", "1000000", "--chunk-size", "1"): "would create 1,000,000 task runs, more than 20,000",
     }
     for args, message in cases.items():
         proc = stack.run_flow(list(args), timeout=120)

@@ -60,7 +60,7 @@ def test_without_live_workers_or_a_count_the_sizes_are_bounded() -> None:
         (double, [1], 0, 10, "chunk_size must be an integer >= 1"),
         (double, [1], 2.5, 10, "chunk_size must be an integer >= 1"),
         (double, [1], None, 0, "timeout must be > 0 seconds"),
-        (double, range(10**6), 1, 10, "would create 1,000,000 task runs, more than 100,000"),
+        (double, range(10**6), 1, 10, "would create 1,000,000 task runs, more than 20,000"),
     ],
 )
 def test_bad_arguments_are_named_before_anything_is_submitted(fn, items, chunk_size, timeout, named) -> None:
@@ -133,3 +133,13 @@ def test_the_result_orders_items_and_names_failures() -> None:
 
 def test_the_demo_is_a_plain_function_of_the_core() -> None:
     assert chunk_key(process_item).startswith("process_item.chunks-")
+
+
+def test_a_fan_out_never_makes_more_runs_than_the_server_queues_per_task():
+    """Past its queue size the server makes each new run wait holding a database
+    connection (README, Server): a fan-out must stay within it."""
+    from fanout.api import MAX_TASK_RUNS
+    from fanout.settings import SERVER_SETTINGS
+
+    queue = int(SERVER_SETTINGS["PREFECT_SERVER_TASKS_SCHEDULING_MAX_SCHEDULED_QUEUE_SIZE"])
+    assert queue >= MAX_TASK_RUNS

@@ -31,7 +31,7 @@ def test_good_parameters_pass() -> None:
         ({"crash_items": [-1]}, "crash_items must be item ids in [0, 10)"),
         ({"fail_items": [10]}, "fail_items must be item ids in [0, 10)"),
         ({"items": 10**9}, "items must be <= 10,000,000 per fan-out, got 1,000,000,000"),
-        ({"items": 10**6, "chunk_size": 1}, "1,000,000 task runs, more than 100,000: use chunk_size >= 10"),
+        ({"items": 10**6, "chunk_size": 1}, "1,000,000 task runs, more than 20,000: use chunk_size >= 50"),
         ({"heavy_batches": 10**6}, "heavy_batches must be <= 10,000"),
     ],
 )

@@ -115,3 +115,28 @@ def test_the_pool_report_puts_the_reaper_and_the_workers_figures_side_by_side():
     header, row = report.splitlines()
     assert header.split() == ["pool", "workers", "slots", "backlog", "completed", "failed", "recovered"]
     assert row.split() == ["light", "2", "8", "7", "3", "2", "2"]  # crashed counts as failed
+
+
+def test_past_the_scan_limit_the_counts_are_the_servers_totals_split_as_the_oldest_runs():
+    load = Load(at=1.0)
+    load.add_workers([], configured={"light": {"resize-aaa"}, "heavy": {"render-bbb"}})
+    # a sweep read the oldest 10 waiting runs (8 resize, 2 render) and 4 running; the server counted more
+    load.scheduled.update({"resize-aaa": 8, "render-bbb": 2})
+    load.running.update({"resize-aaa": 4})
+    load.counted.update({"scheduled": 1000, "pending": 0, "running": 4})
+    load.extrapolate(read_waiting=10, read_active=4, scan=10)
+    assert load.estimated
+    assert (load.scheduled["resize-aaa"], load.scheduled["render-bbb"]) == (800, 200)
+    assert load.running["resize-aaa"] == 4  # every active run was read: exact, untouched
+    metrics = PoolMetrics()
+    metrics.update(load)
+    got = samples(generate_latest(pool_registry(metrics)))
+    assert got[("fanout_pool_backlog", (("pool", "light"),))] == 800
+    assert got[("fanout_all_task_runs", (("state", "scheduled"),))] == 1000
+    assert got[("fanout_backlog_estimated", ())] == 1
+
+    exact = Load(at=1.0)
+    exact.scheduled.update({"resize-aaa": 9})
+    exact.counted.update({"scheduled": 12})  # three more arrived after the read: no extrapolation below the limit
+    exact.extrapolate(read_waiting=9, read_active=0, scan=10)
+    assert not exact.estimated and exact.scheduled["resize-aaa"] == 9

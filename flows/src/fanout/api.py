@@ -58,7 +58,7 @@ from fanout.submit import submit_many
 
 POLL_PAGE = 200  # the API's default page size
 MAX_ITEMS = 10_000_000  # more in one fan-out is a mistake (or needs fan_out_iter in parts)
-MAX_TASK_RUNS = 100_000
+MAX_TASK_RUNS = 20_000  # the server queues at most this many waiting runs per task (settings.SERVER_SETTINGS)
 
 
 @dataclass(frozen=True)

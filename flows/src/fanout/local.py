@@ -310,13 +310,19 @@ class LocalStack:
         wait_until(lambda: http_ok(f"http://127.0.0.1:{worker.port}/healthz"), timeout, worker.name, worker.popen)
 
     def start_reaper(
-        self, interval: float = 2.0, stale_after: float = 8.0, max_deliveries: int = 3, fail_unserved_after: float = 600
+        self,
+        interval: float = 2.0,
+        stale_after: float = 8.0,
+        max_deliveries: int = 3,
+        fail_unserved_after: float = 600,
+        backlog_scan: int = settings.BACKLOG_SCAN,
     ) -> Proc:
         """The reaper (`python -m fanout.reaper`), with short timings for a local demo/test."""
         port = free_port()
         argv = [sys.executable, "-m", "fanout.reaper", "--interval", str(interval), "--stale-after",
                 str(stale_after), "--max-deliveries", str(max_deliveries),
-                "--fail-unserved-after", str(fail_unserved_after), "--metrics-port", str(port)]  # fmt: skip
+                "--fail-unserved-after", str(fail_unserved_after), "--metrics-port", str(port),
+                "--backlog-scan", str(backlog_scan)]  # fmt: skip
         return self.spawn("reaper", argv, self.env("reaper"), port)
 
     def restart_server(self, timeout: float = 90) -> Proc:

@@ -4,8 +4,11 @@
   runs it finished by final state and their durations (`WorkerMetrics`);
 - the reaper, on its own port: every pool's backlog and load (`PoolMetrics`). Prefect has
   no backlog metric for background tasks, and its API cannot count runs per task key.
-  The reaper reads every waiting run on each sweep anyway (to find the lost ones), so it
-  counts them there: a scrape costs the Prefect server nothing, whatever the backlog.
+  Each sweep the reaper has the server count the runs per state (exact, one query each)
+  and reads the oldest runs (at most `--backlog-scan` per state, the ones it may have to
+  recover); it splits the counts by task from the runs it read, extrapolated past that
+  limit (`fanout_backlog_estimated`). A sweep's cost stays flat however long the backlog
+  grows, and a scrape costs the Prefect server nothing.
 
 `fanout_pool_demand{pool}` is what an autoscaler follows: runs of the pool's tasks waiting
 for a worker or held by one (`fanout_pool_backlog`: only the waiting ones). Sizing on the
@@ -81,6 +84,8 @@ class Load:
     workers: Counter[str] = field(default_factory=Counter)  # pool -> live workers
     slots: Counter[str] = field(default_factory=Counter)  # pool -> their slots
     free: Counter[str] = field(default_factory=Counter)  # pool -> slots not holding a run
+    counted: dict[str, int] = field(default_factory=dict)  # state -> runs of every task, counted by the server
+    estimated: bool = False  # more runs than were read: the per-task counts are extrapolated
 
     def add_workers(self, live: Iterable[Heartbeat], configured: Mapping[str, Iterable[str]] = ()) -> None:
         """The pools: those the chart configured (known even at zero replicas) and those
@@ -92,6 +97,21 @@ class Load:
             self.workers[hb.pool] += 1
             self.slots[hb.pool] += hb.limit
             self.free[hb.pool] += max(0, hb.limit - len(hb.runs))
+
+    def extrapolate(self, read_waiting: int, read_active: int, scan: int) -> None:
+        """When a sweep read only the oldest `scan` runs of a state, scale the per-task
+        counts of what it read up to the server's exact totals (`counted`)."""
+        waiting = self.counted.get("scheduled", 0)
+        active = self.counted.get("pending", 0) + self.counted.get("running", 0)
+        for read, total, counters in (
+            (read_waiting, waiting, (self.scheduled,)),
+            (read_active, active, (self.pending, self.running)),
+        ):
+            if read >= scan and total > read:
+                self.estimated = True
+                for counter in counters:
+                    for key in counter:
+                        counter[key] = round(counter[key] * total / read)
 
     def pools_of(self, key: str) -> list[str]:
         return sorted(p for p, keys in self.pools.items() if key in keys) or [""]
@@ -176,6 +196,19 @@ class PoolMetrics(Collector):
             for pool in load.pools_of(key):
                 rec.add_metric([pool, task_name(key), action], float(n))
         yield rec
+        counted = GaugeMetricFamily(
+            "fanout_all_task_runs", "Task runs of every task by state, counted by the Prefect server", labels=["state"]
+        )
+        for state, n in sorted(load.counted.items()):
+            counted.add_metric([state], float(n))
+        yield counted
+        estimated = GaugeMetricFamily(
+            "fanout_backlog_estimated",
+            "1 when more runs wait than a sweep reads (the reaper's --backlog-scan): the per-task and "
+            "per-pool counts are then extrapolated from the oldest runs to the exact totals",
+        )
+        estimated.add_metric([], float(load.estimated))
+        yield estimated
         sweep = GaugeMetricFamily("fanout_last_sweep_timestamp_seconds", "When the reaper last finished a sweep")
         sweep.add_metric([], load.at)
         yield sweep

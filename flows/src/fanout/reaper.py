@@ -47,7 +47,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from prefect.client.orchestration import SyncPrefectClient, get_client
-from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterState, TaskRunFilterStateType
 from prefect.client.schemas.objects import StateType, TaskRun
 from prefect.states import Failed, Scheduled
 from prefect.variables import Variable
@@ -83,9 +82,11 @@ class Reaper:
         max_deliveries: int = settings.MAX_DELIVERIES,
         fail_unserved_after: float = settings.FAIL_UNSERVED_AFTER,
         pools: dict[str, set[str]] | None = None,
+        scan: int = settings.BACKLOG_SCAN,
     ) -> None:
-        if stale_after <= 0 or max_deliveries < 1 or fail_unserved_after < 0:
-            raise ValueError("stale_after must be > 0, max_deliveries >= 1 and fail_unserved_after >= 0")
+        if stale_after <= 0 or max_deliveries < 1 or fail_unserved_after < 0 or scan < 1:
+            raise ValueError("stale_after must be > 0, max_deliveries >= 1, fail_unserved_after >= 0 and scan >= 1")
+        self.scan = scan  # runs read per state per sweep, oldest first
         self.client = client
         self.pools = pools or {}  # pool -> task keys, as configured (known with no worker up)
         self.extra_keys = set(task_keys).union(*self.pools.values())  # watched before any worker declares them
@@ -101,18 +102,34 @@ class Reaper:
         """Every worker heartbeat: variable name -> heartbeat."""
         return read_heartbeats(self.client)
 
-    def runs_in(self, *types: StateType, every_key: bool = False) -> list[TaskRun]:
-        """Task runs in the given state types (all pages): of the watched task keys, or
-        of any key with `every_key`."""
-        found: list[TaskRun] = []
-        offset = 0
-        flt = TaskRunFilter(state=TaskRunFilterState(type=TaskRunFilterStateType(any_=list(types))))
-        while True:
-            page = self.client.read_task_runs(task_run_filter=flt, limit=PAGE, offset=offset)
-            found += [r for r in page if every_key or r.task_key in self.task_keys]
-            if len(page) < PAGE:
-                return found
-            offset += PAGE
+    def count(self, *types: StateType) -> int:
+        """Task runs of every key in these state types, counted by the server (one query)."""
+        body = {"task_runs": {"state": {"type": {"any_": [t.value for t in types]}}}}
+        return int(self.client.request("POST", "/task_runs/count", json=body).json())
+
+    def oldest(self, *types: StateType) -> list[TaskRun]:
+        """Up to `scan` task runs of any key in these state types, oldest first (by expected
+        start: a run keeps it when it is delivered again). Pages follow each other by that
+        time, not by offset, so the server never counts its way past the rows already read
+        and a run that leaves the state between two pages shifts no other run out of sight.
+        Those oldest runs are the only ones old enough to recover, so reading no further
+        keeps a sweep's cost flat however long the backlog grows."""
+        found: dict[str, TaskRun] = {}
+        state = {"type": {"any_": [t.value for t in types]}}
+        after: str | None = None
+        while len(found) < self.scan:
+            flt: dict[str, Any] = {"state": state}
+            if after:
+                flt["expected_start_time"] = {"after_": after}  # inclusive: ties are read again
+            body = {"task_runs": flt, "sort": "EXPECTED_START_TIME_ASC", "limit": PAGE}
+            page = self.client.request("POST", "/task_runs/filter", json=body).json()
+            fresh = [r for r in page if r["id"] not in found]
+            for raw in fresh[: self.scan - len(found)]:
+                found[raw["id"]] = TaskRun.model_validate(raw)
+            if len(page) < PAGE or not fresh or not page[-1].get("expected_start_time"):
+                break
+            after = page[-1]["expected_start_time"]
+        return list(found.values())
 
     # -- acting ----------------------------------------------------------------------
     def _parameters_id(self, states: list[Any]) -> Any:
@@ -167,7 +184,10 @@ class Reaper:
 
         load = Load(at=now)
         load.add_workers(live, configured=self.pools)
-        for run in self.runs_in(StateType.PENDING, StateType.RUNNING):
+        active = self.oldest(StateType.PENDING, StateType.RUNNING)
+        for run in active:
+            if run.task_key not in self.task_keys:
+                continue
             (load.running if run.state_type == StateType.RUNNING else load.pending)[run.task_key] += 1
             if str(run.id) not in held and age(run) > self.stale_after:
                 self._recover(run, "Redelivered", "its worker stopped heartbeating", out)
@@ -176,12 +196,16 @@ class Reaper:
         # looks Scheduled; so does a run a restarted server forgot. Either way it is not
         # in the queue if a worker for its key has been free all along.
         idle_keys = {key for hb in live for key in hb.task_keys if hb.idle_for(now) > self.stale_after}
-        waiting = [
-            r for r in self.runs_in(StateType.SCHEDULED, every_key=True) if r.state and r.state.state_details.deferred
-        ]
+        read = self.oldest(StateType.SCHEDULED)
+        waiting = [r for r in read if r.state and r.state.state_details.deferred]
         for run in waiting:
             load.scheduled[run.task_key] += 1
             load.oldest[run.task_key] = max(load.oldest.get(run.task_key, 0.0), age(run))
+        # The totals, counted by the server, are exact; past `scan` runs the split of the
+        # unread ones between tasks is taken to be that of the oldest ones.
+        for kind in (StateType.SCHEDULED, StateType.PENDING, StateType.RUNNING):
+            load.counted[kind.value.lower()] = self.count(kind)
+        load.extrapolate(len(read), len(active), self.scan)
         self.metrics.update(load)
         scheduled = [r for r in waiting if age(r) > self.stale_after]
         for run in scheduled:
@@ -250,6 +274,12 @@ def main(argv: list[str] | None = None) -> None:
         help="seconds after which a run no live worker serves is failed with the reason (0: only report)",
     )
     p.add_argument(
+        "--backlog-scan",
+        type=int,
+        default=settings.BACKLOG_SCAN,
+        help="runs read per state and sweep, oldest first (past it, per-pool counts are extrapolated)",
+    )
+    p.add_argument(
         "--metrics-host", default=os.environ.get("FANOUT_METRICS_HOST", "127.0.0.1"), help="/metrics address"
     )
     p.add_argument(
@@ -267,6 +297,8 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     if args.interval <= 0 or args.stale_after <= 0 or args.max_deliveries < 1 or args.fail_unserved_after < 0:
         p.error("--interval and --stale-after must be > 0, --max-deliveries >= 1, --fail-unserved-after >= 0")
+    if args.backlog_scan < 1:
+        p.error(f"--backlog-scan must be >= 1, got {args.backlog_scan}")
     logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     log.setLevel(logging.INFO)
     stop = False
@@ -290,6 +322,7 @@ def main(argv: list[str] | None = None) -> None:
             max_deliveries=args.max_deliveries,
             fail_unserved_after=args.fail_unserved_after,
             pools=configured_pools(args.pools),
+            scan=args.backlog_scan,
         )
         if args.metrics_port >= 0:
             server, _ = start_http_server(args.metrics_port, args.metrics_host, registry=pool_registry(reaper.metrics))

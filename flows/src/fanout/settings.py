@@ -27,6 +27,7 @@ REAPER_INTERVAL = 10.0  # seconds between sweeps
 STALE_AFTER = 30.0  # heartbeat age after which a worker counts as dead (>= 3 heartbeats)
 MAX_DELIVERIES = 3  # deliveries before a run is failed as poison
 FAIL_UNSERVED_AFTER = 600.0  # seconds before a run no live worker serves is failed (0: never)
+BACKLOG_SCAN = 500  # runs read per state and sweep, oldest first; past it counts are extrapolated
 
 # -- waiting (every process, through our Prefect plugin) ---------------------------------
 WAIT_POLL_SECONDS = 2.0  # futures also poll their runs' states this often (FANOUT_WAIT_POLL_SECONDS)
@@ -52,6 +53,11 @@ SERVER_SETTINGS = {
     "PREFECT_SERVER_SERVICES_EVENT_PERSISTER_FLUSH_INTERVAL": "1",
     "PREFECT_SERVER_DATABASE_SQLALCHEMY_POOL_SIZE": "20",
     "PREFECT_SERVER_DATABASE_SQLALCHEMY_MAX_OVERFLOW": "20",
+    # The server's in-memory queue of `.delay()` runs per task (Prefect: 1,000). When it
+    # is full, creating a run waits inside its database transaction: with no free worker,
+    # a plain `.delay()` loop of more runs than that held every pooled connection and the
+    # whole API stalled (measured: 5,000 runs, no worker). ~10 KB of server memory each.
+    "PREFECT_SERVER_TASKS_SCHEDULING_MAX_SCHEDULED_QUEUE_SIZE": "20000",
     # Prefect's own database vacuum: besides old events (its default), flow runs that ended
     # more than 14 days ago, with their task runs (a fan-out's runs belong to its parent
     # flow run), states, logs and artifacts. Prefect keeps them 90 days and deletes none.

@@ -115,9 +115,12 @@ def test_futures_return_across_a_server_restart(stack: LocalStack, workers: list
 
 def test_kill_9_of_a_busy_worker_serving_a_user_task(stack: LocalStack, workers: list[Proc]) -> None:
     workers += [user_worker(stack, limit=2) for _ in range(2)]
-    proc = run_user_flow(stack, "asyncio.run(async_fanout(16, sleep=1.5))", 0, wait=False)
+    proc = run_user_flow(stack, "asyncio.run(async_fanout(16, sleep=3.0))", 0, wait=False)
     victim = workers[0]
-    wait_until(lambda: status(victim)["running"] > 0, 120, "victim busy")
+    # Killed once it has held a run for 2 s: its Pending/Running state has then reached the
+    # database (the batched recorder flushes every second). Killed sooner, the run would
+    # still look Scheduled there and be requeued rather than redelivered.
+    wait_until(lambda: any(r["seconds"] >= 2.0 for r in status(victim)["runs"].values()), 120, "victim 2 s into a run")
     victim.signal(signal.SIGKILL)
     try:
         out, _ = proc.communicate(timeout=240)

@@ -213,14 +213,24 @@ def test_fanout_of_500_items_spreads_over_the_light_pods(stack: Stack) -> None:
 
 
 def test_scaling_the_light_pool_up_mid_run_puts_new_pods_to_work(stack: Stack) -> None:
+    # 480 runs of 3 s on 3 pods of 8 slots: ~60 s of work, so that the two new pods (ready in
+    # ~10-25 s on a busy 2-core machine) find runs left; with 240 (30 s) CI once saw the
+    # fan-out end before they were ready.
     before = set(stack.ready_pods("fanout.io/pool=light"))
-    job = stack.start_fanout("--items", "240", "--chunk-size", "1", "--item-sleep", "3", "--heavy-batches", "0")
+    job = stack.start_fanout("--items", "480", "--chunk-size", "1", "--item-sleep", "3", "--heavy-batches", "0")
     stack.wait_busy(job, done=1)
     stack.scale(LIGHT, 5)
+    started = time.monotonic()
+    eventually(lambda: len(set(stack.ready_pods("fanout.io/pool=light")) - before) == 2, timeout=120)
+    ready_after = time.monotonic() - started
+    done, _ = stack.progress(job)
     summary = stack.wait_fanout(job)
-    _items_exactly_once(summary, 240)
+    _items_exactly_once(summary, 480)
     pods = {_pod_of(w) for w in summary["per_worker"]}
-    assert pods - before, f"the new pods took work: {summary['per_worker']}"
+    assert pods - before, (
+        f"the new pods took work (ready {ready_after:.0f} s after the scale, {done}/480 items done then): "
+        f"{summary['per_worker']}"
+    )
     stack.wait_rollout(LIGHT)
 
 

@@ -59,8 +59,8 @@ test-unit: install ## Unit tests (seconds)
 	cd tests && $(PY) -m pytest unit -q
 
 .PHONY: test-integration
-test-integration: install ## Integration tests on a real local Prefect server and worker processes (minutes)
-	cd tests && $(PY) -m pytest integration -v
+test-integration: install object-server ## Integration tests on a real local Prefect server, worker processes and object server (minutes)
+	cd tests && VERSITYGW=$(BIN_DIR)/versitygw $(PY) -m pytest integration -v
 
 .PHONY: test
 test: lint test-unit chart-test test-integration ## Everything that needs no cluster: lint, unit, chart, integration

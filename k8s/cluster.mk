@@ -9,6 +9,8 @@ KUBECTL_VERSION ?= $(K8S_VERSION)
 HELM_VERSION    ?= v3.19.5
 KUBE_SCORE_VERSION ?= v1.20.0
 KEDA_VERSION    ?= v2.21.0
+# The S3-compatible object server: the chart's bundled store, and the integration tier's.
+VERSITYGW_VERSION ?= v1.8.0
 
 BIN_DIR      ?= $(CURDIR)/.bin
 FANOUT_CACHE ?= $(HOME)/.cache/fanout
@@ -27,10 +29,14 @@ K8S_SCRIPTS := k8s/scripts
 CLUSTER_ENV := KIND=$(KIND) KUBECTL=$(KUBECTL) CLUSTER_NAME=$(CLUSTER_NAME) \
                KIND_CONFIG=$(KIND_CONFIG) K8S_VERSION=$(K8S_VERSION) KIND_NODE_IMAGE=$(KIND_NODE_IMAGE)
 
-.PHONY: tools docker base-images node-image cluster keda keda-images e2e-prepare cluster-delete test-cluster
+.PHONY: tools object-server docker base-images node-image cluster keda keda-images e2e-prepare cluster-delete test-cluster
 
 tools: ## Install pinned kind, kubectl, helm and kube-score into .bin/
-	$(K8S_SCRIPTS)/install-tools.sh $(BIN_DIR) $(KIND_VERSION) $(KUBECTL_VERSION) $(HELM_VERSION) $(KUBE_SCORE_VERSION)
+	$(K8S_SCRIPTS)/install-tools.sh $(BIN_DIR) kind=$(KIND_VERSION) kubectl=$(KUBECTL_VERSION) \
+	  helm=$(HELM_VERSION) kube-score=$(KUBE_SCORE_VERSION)
+
+object-server: ## Install the pinned versitygw (S3-compatible object server) into .bin/ (release, else Go module proxy)
+	$(K8S_SCRIPTS)/install-tools.sh $(BIN_DIR) versitygw=$(VERSITYGW_VERSION)
 
 docker: ## Make sure a Docker engine runs (installs and starts one if needed)
 	$(K8S_SCRIPTS)/docker-up.sh

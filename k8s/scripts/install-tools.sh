@@ -1,16 +1,16 @@
 #!/usr/bin/env bash
-# Put pinned kind, kubectl, helm and kube-score into BIN_DIR, never trusting whatever is
-# on PATH.
+# Put pinned tools (kind, kubectl, helm, kube-score, versitygw) into BIN_DIR, never trusting
+# whatever is on PATH.
 #
-# Usage: install-tools.sh BIN_DIR KIND_VERSION KUBECTL_VERSION HELM_VERSION [KUBE_SCORE_VERSION]
+# Usage: install-tools.sh BIN_DIR TOOL=VERSION...   e.g. install-tools.sh .bin kind=v0.30.0
 #
 # Where the official release hosts answer we download (and check the published sha256);
 # on our offline machines they don't, so we build from the Go module proxy instead. Either
 # way the binary is kept in $FANOUT_CACHE/bin/<tool>-<version> and copied into BIN_DIR.
 set -euo pipefail
 
-bin_dir=${1:?usage: install-tools.sh BIN_DIR KIND_VERSION KUBECTL_VERSION HELM_VERSION}
-kind_version=${2:?} kubectl_version=${3:?} helm_version=${4:?} kube_score_version=${5:-}
+bin_dir=${1:?usage: install-tools.sh BIN_DIR TOOL=VERSION...}
+shift
 here=$(cd "$(dirname "$0")" && pwd)
 cache=${FANOUT_CACHE:-$HOME/.cache/fanout}
 mkdir -p "$cache"
@@ -21,7 +21,7 @@ flock 9
 go=$("$(cd "$(dirname "$0")" && pwd)/ensure-go.sh")
 mkdir -p "$bin_dir" "$cache/bin"
 
-# One quick probe decides the path for all three tools; FANOUT_OFFLINE=1/0 forces it.
+# One quick probe decides the path for every tool; FANOUT_OFFLINE=1/0 forces it.
 if [ -z "${FANOUT_OFFLINE:-}" ]; then
   if curl -fsSL --max-time 5 -o /dev/null https://dl.k8s.io/release/stable.txt 2>/dev/null; then
     FANOUT_OFFLINE=0
@@ -75,6 +75,18 @@ install() { # name version
               tar -C "$tmp" -xzf "$tmp/ks.tgz" kube-score
               mv "$tmp/kube-score" "$cached"; rm -rf "$tmp" ;;
       kube-score:1) go_install "github.com/zegl/kube-score/cmd/kube-score@$version" "$cached" ;;
+      # The S3-compatible object server of the integration tier (the chart's bundled store).
+      versitygw:0) local tmp base="https://github.com/versity/versitygw/releases/download/$version"
+              local archive="versitygw_${version}_Linux_x86_64"
+              tmp=$(mktemp -d)
+              curl -fsSL --retry 3 -o "$tmp/vgw.tgz" "$base/$archive.tar.gz"
+              curl -fsSL --retry 3 "$base/checksums.txt" \
+                | awk -v f="$archive.tar.gz" '$2 == f {print $1 "  '"$tmp"'/vgw.tgz"}' \
+                | sha256sum -c --quiet - >&2
+              tar -C "$tmp" -xzf "$tmp/vgw.tgz" "$archive/versitygw"
+              mv "$tmp/$archive/versitygw" "$cached"; rm -rf "$tmp" ;;
+      versitygw:1) go_install "github.com/versity/versitygw/cmd/versitygw@$version" "$cached" ;;
+      *) echo "tools: unknown tool $name" >&2; exit 2 ;;
     esac
   fi
   if ! cmp -s "$cached" "$bin_dir/$name"; then
@@ -83,7 +95,7 @@ install() { # name version
   echo "tools: $bin_dir/$name ($version)" >&2
 }
 
-install kind "$kind_version"
-install kubectl "$kubectl_version"
-install helm "$helm_version"
-if [ -n "$kube_score_version" ]; then install kube-score "$kube_score_version"; fi
+for pin in "$@"; do
+  [[ $pin == *=v* ]] || { echo "tools: expected TOOL=VERSION, got '$pin'" >&2; exit 2; }
+  install "${pin%%=*}" "${pin#*=}"
+done

@@ -8,7 +8,9 @@ same commands a user runs (`python -m fanout.worker`, `python -m fanout_demo.flo
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -68,3 +70,14 @@ def workers(stack: LocalStack) -> Iterator[list[Proc]]:
 def status(w: Proc) -> dict[str, Any]:
     """A worker's `/status` counters (running, finished, connected, ...)."""
     return httpx.get(f"http://127.0.0.1:{w.port}/status", timeout=5).json()
+
+
+def finish(proc: subprocess.Popen[str], timeout: float) -> Any:
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise AssertionError(f"no result within {timeout:.0f}s:\n{proc.communicate()[0][-4000:]}") from None
+    lines = [ln for ln in out.splitlines() if ln.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, f"exit {proc.returncode}:\n{out[-4000:]}"
+    return json.loads(lines[-1].removeprefix("RESULT "))

@@ -8,7 +8,6 @@ Every flow runs in its own submitter process with a hard timeout.
 
 from __future__ import annotations
 
-import json
 import signal
 import subprocess
 import sys
@@ -18,7 +17,7 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import stack_with_reaper, status
+from conftest import finish, stack_with_reaper, status
 from prometheus_client.parser import text_string_to_metric_families
 
 from fanout.local import LocalStack, Proc, wait_until
@@ -46,17 +45,6 @@ def start(stack: LocalStack, call: str) -> subprocess.Popen[str]:
         stderr=subprocess.STDOUT,
         text=True,
     )
-
-
-def finish(proc: subprocess.Popen[str], timeout: float) -> Any:
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        raise AssertionError(f"no result within {timeout:.0f}s:\n{proc.communicate()[0][-4000:]}") from None
-    lines = [ln for ln in out.splitlines() if ln.startswith("RESULT ")]
-    assert proc.returncode == 0 and lines, f"exit {proc.returncode}:\n{out[-4000:]}"
-    return json.loads(lines[-1].removeprefix("RESULT "))
 
 
 WORDS = [f"word-{i}" for i in range(1000)]

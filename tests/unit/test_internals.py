@@ -148,6 +148,8 @@ def test_without_settings_drops_only_the_senders_settings() -> None:
             {
                 "PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK": "s3-bucket/fanout",
                 "PREFECT_TASKS_SCHEDULING_DEFAULT_STORAGE_BLOCK": "s3-bucket/fanout",
+                "AWS_RETRY_MODE": "standard",
+                "AWS_MAX_ATTEMPTS": "10",
             },
         ),
     ],

@@ -6,7 +6,8 @@
    need (security contexts, /tmp emptyDir, the shared volume and FANOUT_STORAGE, node
    selector and tolerations as job variables) and the chart's defaults for the job
    variables (image, namespace, cpu/memory requests and limits, ...).
-3. storage.type s3: save the `s3-bucket` block that FANOUT_STORAGE names.
+3. storage.type s3: save the `s3-bucket` block that FANOUT_STORAGE names
+   (`python -m fanout.storage s3`), creating the bucket of the bundled object store.
 4. Register the chart's `deployments` on the pool (`python -m fanout.deployments`): each
    entry's image defaults to the chart's, its job variables must be the pool's. Those it
    registered before and the values no longer list are deleted (`--prune`).
@@ -114,33 +115,6 @@ def deployment_entries(
     return entries
 
 
-def save_s3_block(storage: dict[str, Any]) -> None:
-    try:
-        from prefect_aws import AwsCredentials, S3Bucket
-        from prefect_aws.client_parameters import AwsClientParameters
-    except ImportError:
-        sys.exit(
-            "setup: storage.type=s3 needs prefect-aws in the runtime image "
-            "(add it to flows/pyproject.toml, re-lock, rebuild the image)"
-        )
-    params = (
-        AwsClientParameters(endpoint_url=storage["endpointUrl"])
-        if storage.get("endpointUrl")
-        else None
-    )
-    # No keys in the block: every pod gets them from the Secret as AWS_* variables.
-    credentials = (
-        AwsCredentials(aws_client_parameters=params) if params else AwsCredentials()
-    )
-    block = S3Bucket(
-        bucket_name=storage["bucket"],
-        bucket_folder=storage.get("folder") or "",
-        credentials=credentials,
-    )
-    block.save(storage["blockName"], overwrite=True)
-    log(f"saved block s3-bucket/{storage['blockName']} (bucket {storage['bucket']})")
-
-
 def run(*cmd: str) -> None:
     log("$ " + " ".join(cmd))
     subprocess.run(cmd, check=True)
@@ -169,8 +143,13 @@ def main() -> None:
         "--overwrite",
     )
 
-    if cfg.get("s3"):
-        save_s3_block(cfg["s3"])
+    if s3 := cfg.get("s3"):
+        # The bundled object store starts with no bucket; a user's own bucket exists.
+        create = ["--create-bucket"] if s3.get("createBucket") else []
+        run(
+            sys.executable, "-m", "fanout.storage", "s3", "--block", s3["blockName"], "--bucket", s3["bucket"],
+            "--folder", s3.get("folder") or "", "--endpoint-url", s3.get("endpointUrl") or "", *create,
+        )  # fmt: skip
 
     # Also with an empty list: deployments an earlier release registered and the values no
     # longer list are deleted (--prune; only those this hook registered).

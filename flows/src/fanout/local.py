@@ -112,9 +112,13 @@ class LocalStack:
         ui: bool = True,
         pools: Mapping[str, str] | None = None,
         pool_env: Mapping[str, Mapping[str, str]] | None = None,
+        storage: str = "",
+        env: Mapping[str, str] | None = None,
     ) -> None:
         """`pools` maps a pool name to the `--tasks` its workers serve (`start_worker(pool)`),
-        `pool_env` to extra environment for them."""
+        `pool_env` to extra environment for them. `storage` is every process's
+        FANOUT_STORAGE (default: `<root>/storage`; a block slug such as `s3-bucket/x` once
+        that block is saved), `env` more environment for every process (e.g. S3 keys)."""
         if database not in ("auto", "postgres", "sqlite"):
             raise ValueError(f"database must be auto, postgres or sqlite, got {database!r}")
         self.pools = dict(pools or {})
@@ -124,7 +128,8 @@ class LocalStack:
         self.ui = ui
         self.procs: list[Proc] = []
         self.api_url = ""
-        self.storage = self.root / "storage"
+        self.storage = storage or str(self.root / "storage")
+        self.extra_env = dict(env or {})
         self.db_url = ""
         self._cleanup: list[Path] = []
 
@@ -136,7 +141,7 @@ class LocalStack:
         env = {
             **os.environ,
             "PREFECT_HOME": str(home),
-            "FANOUT_STORAGE": str(self.storage),
+            "FANOUT_STORAGE": self.storage,
             "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
             "PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW": "ignore",
             # Our plugin (fanout.plugin): Prefect's default storage on FANOUT_STORAGE and
@@ -144,6 +149,7 @@ class LocalStack:
             "PREFECT_PLUGINS_ENABLED": "true",
             "PYTHONUNBUFFERED": "1",
         }
+        env.update(self.extra_env)
         if self.api_url:
             env["PREFECT_API_URL"] = self.api_url
         env.update(extra)

@@ -9,11 +9,16 @@ need the *same* storage, which Prefect's default (the submitter's own
 - an absolute directory shared by every process (locally a directory, in the cluster
   a shared volume mounted at the same path everywhere), or
 - the slug of a saved Prefect storage block, `<block-type>/<block-name>` (for example
-  an S3-compatible bucket saved as `s3-bucket/fanout`).
+  an S3-compatible bucket saved as `s3-bucket/fanout`, see `save_s3_block`).
+
+`python -m fanout.storage s3 --block fanout --bucket B [--endpoint-url URL]` saves such a
+block (the chart's setup hook runs it); the keys are never in the block: every process
+reads them from `AWS_ACCESS_KEY_ID`/`AWS_SECRET_ACCESS_KEY`.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 from pathlib import Path
 
@@ -61,4 +66,70 @@ def prefect_storage_env() -> dict[str, str]:
     return {
         "PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK": value,
         "PREFECT_TASKS_SCHEDULING_DEFAULT_STORAGE_BLOCK": value,
+        # An object store that restarts (its pod rescheduled) must not cost a run: a
+        # worker that cannot read a run's parameters deletes the run (Prefect's
+        # TaskWorker). boto3's own retries ride out ~30 s of connection errors instead
+        # of its default 3 attempts in ~2 s.
+        **OBJECT_STORE_RETRIES,
     }
+
+
+# botocore's retry settings (its documented environment variables): standard mode retries
+# connection errors and throttling with capped exponential backoff and jitter.
+OBJECT_STORE_RETRIES = {"AWS_RETRY_MODE": "standard", "AWS_MAX_ATTEMPTS": "10"}
+
+
+def ensure_s3_bucket(bucket: str, endpoint_url: str = "") -> bool:
+    """Create `bucket` unless it exists; True when it was created.
+
+    The bundled object store starts empty; a user's own bucket usually exists already
+    (then nothing is done, and no create permission is needed).
+    """
+    import boto3
+    from botocore.exceptions import ClientError
+
+    client = boto3.client("s3", endpoint_url=endpoint_url or None)
+    try:
+        client.head_bucket(Bucket=bucket)
+        return False
+    except ClientError as exc:
+        if exc.response.get("Error", {}).get("Code") not in ("404", "NoSuchBucket", "NotFound"):
+            raise
+    client.create_bucket(Bucket=bucket)
+    return True
+
+
+def save_s3_block(block: str, bucket: str, folder: str = "", endpoint_url: str = "") -> str:
+    """Save the `s3-bucket` block that `FANOUT_STORAGE=s3-bucket/<block>` names; returns the slug.
+
+    Needs `prefect-aws` and PREFECT_API_URL. No keys are stored in Prefect's database:
+    boto3 reads them from the environment of each process.
+    """
+    from prefect_aws import AwsCredentials, S3Bucket
+    from prefect_aws.client_parameters import AwsClientParameters
+
+    params = AwsClientParameters(endpoint_url=endpoint_url) if endpoint_url else AwsClientParameters()
+    S3Bucket(bucket_name=bucket, bucket_folder=folder, credentials=AwsCredentials(aws_client_parameters=params)).save(
+        block, overwrite=True
+    )
+    return f"s3-bucket/{block}"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m fanout.storage", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    s3 = sub.add_parser("s3", help="save an s3-bucket block (and create the bucket if asked)")
+    s3.add_argument("--block", required=True, help="block name: FANOUT_STORAGE=s3-bucket/<block>")
+    s3.add_argument("--bucket", required=True)
+    s3.add_argument("--folder", default="", help="folder inside the bucket")
+    s3.add_argument("--endpoint-url", default="", help="S3-compatible endpoint (empty: AWS)")
+    s3.add_argument("--create-bucket", action="store_true", help="create the bucket when it does not exist")
+    args = parser.parse_args(argv)
+    if args.create_bucket and ensure_s3_bucket(args.bucket, args.endpoint_url):
+        print(f"storage: created bucket {args.bucket}", flush=True)
+    slug = save_s3_block(args.block, args.bucket, args.folder, args.endpoint_url)
+    print(f"storage: saved block {slug} (bucket {args.bucket}, folder {args.folder or '-'})", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,141 @@
+"""Shared storage through the S3 protocol, on a real S3-compatible object server.
+
+versitygw (the chart's bundled object store, `make object-server`) serves a bucket from a
+local directory; the stack's FANOUT_STORAGE is an `s3-bucket` block saved by
+`python -m fanout.storage s3`, as the chart's setup hook does. The user's plain Prefect
+tasks (no `result_storage=`) and the public fan-out API run unchanged on it, and every
+parameter and result goes through the bucket: nothing is written to a local directory.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import boto3
+import pytest
+from conftest import finish, status
+
+from fanout.local import LocalStack, Proc, free_port, http_ok, wait_until
+
+REPO = Path(__file__).resolve().parents[2]
+USERCODE = REPO / "tests" / "usercode"
+VERSITYGW = os.environ.get("VERSITYGW") or str(REPO / ".bin" / "versitygw")
+BUCKET = "fanout-it"
+KEYS = {"AWS_ACCESS_KEY_ID": "it-access", "AWS_SECRET_ACCESS_KEY": "it-secret-key-0123456789"}
+TASKS = "userwork.tasks:square,userwork.tasks:asquare,userwork.bulk:shout,userwork.bulk:slow_shout"
+
+
+class ObjectStack(LocalStack):
+    """A LocalStack whose storage is a bucket on a versitygw process it runs itself."""
+
+    def __init__(self, root: Path) -> None:
+        self.s3_port = free_port()
+        self.endpoint = f"http://127.0.0.1:{self.s3_port}"
+        env = {**KEYS, "AWS_DEFAULT_REGION": "us-east-1"}
+        super().__init__(root, ui=False, storage="s3-bucket/it", env=env)
+        self.object_server: Proc | None = None
+
+    def start_object_server(self) -> Proc:
+        """versitygw on the same port and data each time (a restart keeps the objects).
+
+        The root keys come from its environment, never its command line."""
+        assert Path(VERSITYGW).is_file(), f"no versitygw at {VERSITYGW}: run `make object-server`"
+        data, meta = self.root / "s3" / "data", self.root / "s3" / "meta"
+        data.mkdir(parents=True, exist_ok=True)
+        meta.mkdir(parents=True, exist_ok=True)
+        env = {"ROOT_ACCESS_KEY_ID": KEYS["AWS_ACCESS_KEY_ID"], "ROOT_SECRET_ACCESS_KEY": KEYS["AWS_SECRET_ACCESS_KEY"]}
+        argv = [VERSITYGW, "--port", f"127.0.0.1:{self.s3_port}", "--health", "/health", "posix"]
+        proc = self.spawn("versitygw", [*argv, "--sidecar", str(meta), str(data)], env, self.s3_port)
+        wait_until(lambda: http_ok(f"{self.endpoint}/health"), 30, "versitygw", proc.popen)
+        self.object_server = proc
+        return proc
+
+    def objects(self) -> list[str]:
+        client = boto3.client("s3", endpoint_url=self.endpoint, region_name="us-east-1", **_boto_keys())
+        keys: list[str] = []
+        for page in client.get_paginator("list_objects_v2").paginate(Bucket=BUCKET):
+            keys += [o["Key"] for o in page.get("Contents", [])]
+        return keys
+
+
+def _boto_keys() -> dict[str, str]:
+    return {"aws_access_key_id": KEYS["AWS_ACCESS_KEY_ID"], "aws_secret_access_key": KEYS["AWS_SECRET_ACCESS_KEY"]}
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ObjectStack]:
+    with ObjectStack(tmp_path_factory.mktemp("s3")) as st:
+        st.start_object_server()
+        args = ["s3", "--block", "it", "--bucket", BUCKET, "--endpoint-url", st.endpoint, "--create-bucket"]
+        saved = st.run_module("fanout.storage", args)
+        assert saved.returncode == 0, saved.stdout + saved.stderr
+        assert f"created bucket {BUCKET}" in saved.stdout, saved.stdout
+        st.start_reaper(interval=1.0, stale_after=6.0)
+        yield st
+
+
+def user_worker(stack: LocalStack, limit: int = 4) -> Proc:
+    return stack.start_worker("user", limit=limit, tasks=TASKS, env={"PYTHONPATH": str(USERCODE)})
+
+
+def submit(stack: LocalStack, module: str, call: str) -> subprocess.Popen[str]:
+    """The user's flow `call` from `module` in a submitter process, printing its result."""
+    code = f"import asyncio, json; from {module} import *; print('RESULT ' + json.dumps({call}))"
+    return subprocess.Popen(
+        [sys.executable, "-c", code],
+        env=stack.env("submitter", PYTHONPATH=str(USERCODE)),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def local_files(stack: LocalStack) -> list[Path]:
+    """Files under any directory Prefect or we would fall back to on local disk."""
+    places = [stack.root / "storage", *(stack.root / "home").glob("*/storage")]
+    return [f for p in places if p.exists() for f in p.rglob("*") if f.is_file()]
+
+
+def test_plain_prefect_tasks_keep_parameters_and_results_in_the_bucket(stack: ObjectStack, workers: list[Proc]) -> None:
+    workers += [user_worker(stack) for _ in range(2)]
+    before = len(stack.objects())
+    for call in ("sync_fanout(20)", "asyncio.run(async_fanout(20))"):
+        got = finish(submit(stack, "userwork.tasks", call), 180)
+        assert [r["item"] for r in got] == list(range(20))
+        assert all(r["value"] == r["item"] ** 2 for r in got)
+    # each run's parameters and result, at least
+    assert len(stack.objects()) >= before + 2 * 20 * 2, stack.objects()[:5]
+    assert local_files(stack) == []
+
+
+def test_the_fan_out_api_over_the_bucket(stack: ObjectStack, workers: list[Proc]) -> None:
+    workers += [user_worker(stack) for _ in range(2)]
+    words = [f"word-{i}" for i in range(1000)]
+    got = finish(submit(stack, "userwork.bulk", f"shout_all({words!r})"), 300)
+    assert got["failed"] == {}, list(got["failed"].items())[:3]
+    assert got["values"] == [w.upper() + "!" for w in words]
+    assert local_files(stack) == []
+
+
+def test_an_object_server_killed_mid_run_loses_nothing(stack: ObjectStack, workers: list[Proc]) -> None:
+    """The object server is killed (-9) while runs read parameters and write results, and
+    comes back 5 s later: every item completes once (boto3's retries, see
+    fanout.storage.OBJECT_STORE_RETRIES, ride out the gap; without them a run whose
+    parameters could not be read is deleted by the worker and reported failed)."""
+    workers += [user_worker(stack) for _ in range(2)]
+    proc = submit(stack, "userwork.bulk", "slow_shout_all(60, chunk_size=1)")
+    wait_until(lambda: sum(status(w)["finished"] for w in workers) >= 8, 120, "the fan-out under way")
+    assert stack.object_server is not None
+    stack.object_server.signal(signal.SIGKILL)
+    stack.object_server.popen.wait(10)
+    time.sleep(5)
+    stack.start_object_server()
+    got = finish(proc, 300)
+    assert got["failed"] == {}, got["failed"]
+    assert [v["word"] for v in got["values"]] == [f"W{i}" for i in range(60)]

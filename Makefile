@@ -79,7 +79,7 @@ browser: ## Headless Chromium and its driver for the UI e2e test (Debian's chrom
 
 .PHONY: e2e
 e2e: install cluster keda images browser ## The whole stack on a local kind cluster: tools, cluster, KEDA, images, load, chart e2e tests
-	$(KIND) load docker-image --name $(CLUSTER_NAME) $(RUNTIME_IMAGE) $(POSTGRES_IMAGE)
+	$(KIND) load docker-image --name $(CLUSTER_NAME) $(RUNTIME_IMAGE) $(POSTGRES_IMAGE) $(VERSITYGW_IMAGE)
 	cd tests && KIND=$(KIND) KUBECTL=$(KUBECTL) HELM=$(HELM) CLUSTER_NAME=$(CLUSTER_NAME) \
 	  FANOUT_RUNTIME_IMAGE=$(RUNTIME_IMAGE) $(PY) -m pytest -v $(or $(E2E_ARGS),e2e)
 

@@ -25,6 +25,8 @@ REPLICAS        ?=
 # happens exactly when something that goes into the image changed.
 RUNTIME_IMAGE  = $(shell images/runtime/build.sh --print-tag)
 POSTGRES_IMAGE ?= postgres:15-bookworm
+# The bundled object server (storage.type objectStore); its tag is the chart's default.
+VERSITYGW_IMAGE = versity/versitygw:$(VERSITYGW_VERSION)
 KUBECTL_NS     = $(KUBECTL) --context kind-$(CLUSTER_NAME) -n $(CHART_NAMESPACE)
 HELM_NS        = $(HELM) --kube-context kind-$(CLUSTER_NAME) -n $(CHART_NAMESPACE)
 
@@ -33,13 +35,14 @@ _chart_space := $(subst ,, )
 
 .PHONY: images chart-test chart-lint deploy demo scale undeploy
 
-images: ## Build the runtime and PostgreSQL images (skipped when their inputs did not change)
+images: ## Build the runtime, PostgreSQL and object server images (skipped when their inputs did not change)
 	@timeout 10 docker info >/dev/null 2>&1 || k8s/scripts/docker-up.sh
 	@for img in python:3.11-slim-bookworm debian:bookworm-slim; do \
 	  docker image inspect $$img >/dev/null 2>&1 || images/base/build.sh $$img; done
 	images/runtime/build.sh >/dev/null
 	TAG=$(POSTGRES_IMAGE) images/postgres/build.sh >/dev/null
-	@echo "images: $(RUNTIME_IMAGE) $(POSTGRES_IMAGE)"
+	images/versitygw/build.sh $(VERSITYGW_VERSION) >/dev/null
+	@echo "images: $(RUNTIME_IMAGE) $(POSTGRES_IMAGE) $(VERSITYGW_IMAGE)"
 
 chart-test: $(if $(and $(wildcard $(HELM)),$(wildcard $(BIN_DIR)/kube-score)),,tools) ## Chart tests: render, lint, kube-score, reject bad values, validate against the Kubernetes OpenAPI schema (seconds)
 	cd tests && ../$(CHART_PYTHON) -m pytest chart -q
@@ -49,7 +52,7 @@ chart-lint: $(if $(wildcard $(HELM)),,tools) ## helm lint the chart (defaults an
 	$(HELM) lint --strict $(CHART) --kube-version $(or $(K8S_VERSION),v1.33.13) -f $(CHART_VALUES)
 
 deploy: images ## Install/upgrade the chart into namespace $(CHART_NAMESPACE) of the kind cluster
-	$(KIND) load docker-image --name $(CLUSTER_NAME) $(RUNTIME_IMAGE) $(POSTGRES_IMAGE)
+	$(KIND) load docker-image --name $(CLUSTER_NAME) $(RUNTIME_IMAGE) $(POSTGRES_IMAGE) $(VERSITYGW_IMAGE)
 	$(HELM_NS) upgrade --install $(CHART_RELEASE) $(CHART) --create-namespace \
 	  -f $(CHART_VALUES) --set image.repository=$(firstword $(subst :, ,$(RUNTIME_IMAGE))) \
 	  --set image.tag=$(lastword $(subst :, ,$(RUNTIME_IMAGE))) --wait --timeout 15m

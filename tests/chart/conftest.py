@@ -39,6 +39,7 @@ def _make_var(name: str, default: str) -> str:
 
 K8S_VERSION = _make_var("K8S_VERSION", "v1.33.13")
 KEDA_VERSION = _make_var("KEDA_VERSION", "v2.21.0")
+VERSITYGW_VERSION = _make_var("VERSITYGW_VERSION", "")
 
 
 def _helm() -> str:

@@ -17,7 +17,7 @@ from uuid import uuid4
 
 import pytest
 import yaml
-from conftest import CHART, K8S_VERSION, NAMESPACE, RELEASE, Rendered
+from conftest import CHART, K8S_VERSION, NAMESPACE, RELEASE, VERSITYGW_VERSION, Rendered
 
 from fanout import settings
 from fanout.settings import SERVER_SETTINGS
@@ -50,6 +50,7 @@ S3 = {
         "s3": {"bucket": "results", "endpointUrl": "http://minio:9000", "existingSecret": "s3-creds"},
     }
 }
+OBJECT_STORE = {"storage": {"type": "objectStore"}}
 SCALED = {"pools": {"light": {"replicas": 12}, "heavy": {"replicas": 0}}}
 HOSTPATH = {"storage": {"type": "hostPath", "hostPath": {"path": "/mnt/fanout"}}}
 NO_AUTH_NO_REAPER = {"auth": {"enabled": False}, "reaper": {"enabled": False}}
@@ -84,6 +85,7 @@ VALUE_SETS = {
     "sqlite": SQLITE,
     "custom-pools": CUSTOM_POOLS,
     "s3": S3,
+    "object-store": OBJECT_STORE,
     "scaled": SCALED,
     "hostpath": HOSTPATH,
     "kind": KIND,
@@ -613,6 +615,50 @@ def test_s3_storage_uses_a_block_and_credentials_from_a_secret(render):
     assert [v["name"] for v in setup["volumes"]] == ["tmp"]
 
 
+def test_the_bundled_object_store_serves_every_pod_over_s3_from_one_rwo_claim(render):
+    """storage.type objectStore: versitygw on a ReadWriteOnce claim that only it mounts;
+    every other pod reaches it over S3 (so they may run on any node), with the generated
+    keys from its Secret; the setup hook creates the bucket and saves the block."""
+    docs = render(OBJECT_STORE)
+    name = f"{FULL}-object-store"
+    (claim,) = docs.all("PersistentVolumeClaim")
+    assert claim["metadata"]["name"] == name and claim["spec"]["accessModes"] == ["ReadWriteOnce"]
+    store = docs.get("Deployment", name)
+    assert store["spec"]["strategy"] == {"type": "Recreate"}
+    spec = pod_spec(store)
+    assert spec["securityContext"]["runAsNonRoot"] is True
+    (c,) = spec["containers"]
+    # the version the Makefile pins (make images builds it, make object-server installs it)
+    assert c["image"] == f"versity/versitygw:{VERSITYGW_VERSION}"
+    assert c["securityContext"]["readOnlyRootFilesystem"] is True
+    assert env_of(c)["ROOT_SECRET_ACCESS_KEY"] == {"secretKeyRef": {"name": name, "key": "AWS_SECRET_ACCESS_KEY"}}
+    assert c["readinessProbe"] != c["livenessProbe"]
+    keys = docs.get("Secret", name)["data"]
+    assert set(keys) == {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
+    assert docs.get("Service", name)["spec"]["ports"][0]["port"] == 7070
+    claims = [
+        (obj["metadata"]["name"], v["persistentVolumeClaim"]["claimName"])
+        for obj in workloads(docs)
+        for v in pod_spec(obj).get("volumes", [])
+        if "persistentVolumeClaim" in v
+    ]
+    assert [c for c in claims if c[1] == name] == [(name, name)], claims
+    for deployment in (f"{FULL}-pool-light", f"{FULL}-pool-heavy"):
+        env = env_of(pod_spec(docs.get("Deployment", deployment))["containers"][0])
+        assert env["FANOUT_STORAGE"] == "s3-bucket/fanout", deployment
+        assert env["AWS_ACCESS_KEY_ID"] == {"secretKeyRef": {"name": name, "key": "AWS_ACCESS_KEY_ID"}}
+    setup = json.loads(docs.get("ConfigMap", f"{FULL}-setup")["data"]["setup.json"])
+    assert setup["s3"] == {
+        "bucket": "fanout",
+        "folder": "fanout",
+        "blockName": "fanout",
+        "createBucket": True,
+        "endpointUrl": f"http://{name}:7070",
+    }
+    secret = base64.b64decode(keys["AWS_SECRET_ACCESS_KEY"]).decode()
+    assert len(secret) == 40 and secret not in json.dumps([d for d in docs if d["kind"] != "Secret"])
+
+
 def test_hostpath_storage(render):
     docs = render(HOSTPATH)
     assert not docs.all("PersistentVolumeClaim")
@@ -672,7 +718,7 @@ def _setup_module():
     return setup_script
 
 
-@pytest.mark.parametrize("name", ["defaults", "s3", "kind"])
+@pytest.mark.parametrize("name", ["defaults", "s3", "object-store", "kind"])
 def test_base_job_template_makes_valid_flow_run_jobs(name, render, openapi):
     """Feed the chart's template through prefect-kubernetes the way its worker does, with
     per-run job variables for a big pod, and validate the Job it would create."""
@@ -703,7 +749,7 @@ def test_base_job_template_makes_valid_flow_run_jobs(name, render, openapi):
     assert spec["automountServiceAccountToken"] is False
     assert spec.get("nodeSelector", {}) == cfg["jobVariables"]["node_selector"]
     assert {m["mountPath"] for m in c["volumeMounts"]} >= {"/tmp"}
-    if name != "s3":
+    if name not in ("s3", "object-store"):
         assert {"name": "shared", "mountPath": "/shared"} in c["volumeMounts"]
 
 
@@ -873,7 +919,7 @@ def test_api_auth_is_on_by_default_with_a_generated_secret(render):
     assert worker["PREFECT_INTEGRATIONS_KUBERNETES_WORKER_API_AUTH_STRING_SECRET_KEY"] == "auth-string"
 
 
-@pytest.mark.parametrize("name", ["defaults", "s3", "kind"])
+@pytest.mark.parametrize("name", ["defaults", "s3", "object-store", "kind"])
 def test_the_auth_string_is_only_in_its_secret(name, render):
     docs = render(VALUE_SETS[name])
     secret = docs.get("Secret", AUTH_SECRET)

@@ -65,9 +65,32 @@ app.kubernetes.io/part-of: fanout
 {{- printf "http://%s:%v/api" (include "fanout.serverName" .) .Values.server.service.port }}
 {{- end }}
 
+{{/* "true" when storage goes through the S3 protocol (the user's bucket or the bundled
+object server), else empty. */}}
+{{- define "fanout.s3Storage" -}}
+{{- if has .Values.storage.type (list "s3" "objectStore") }}true{{ end }}
+{{- end }}
+
+{{- define "fanout.objectStoreName" -}}{{ include "fanout.componentName" (list . "object-store") }}{{- end }}
+
+{{/* The bundled object server's root keys: the user's Secret, or the generated one. */}}
+{{- define "fanout.objectStoreSecretName" -}}
+{{- .Values.storage.objectStore.existingSecret | default (include "fanout.objectStoreName" .) }}
+{{- end }}
+
+{{/* What the setup hook saves as the s3-bucket block (and, for the bundled server,
+creates): bucket, folder, endpoint. */}}
+{{- define "fanout.s3Block" -}}
+{{- if eq .Values.storage.type "objectStore" }}
+{{- toJson (dict "bucket" .Values.storage.objectStore.bucket "folder" .Values.storage.s3.folder "blockName" .Values.storage.s3.blockName "createBucket" true "endpointUrl" (printf "http://%s:7070" (include "fanout.objectStoreName" .))) }}
+{{- else if eq .Values.storage.type "s3" }}
+{{- toJson .Values.storage.s3 }}
+{{- end }}
+{{- end }}
+
 {{/* FANOUT_STORAGE: a directory on the shared volume, or a block slug. */}}
 {{- define "fanout.storageSetting" -}}
-{{- if eq .Values.storage.type "s3" }}
+{{- if include "fanout.s3Storage" . }}
 {{- printf "s3-bucket/%s" .Values.storage.s3.blockName }}
 {{- else }}
 {{- print "/shared/fanout" }}
@@ -108,26 +131,33 @@ it on too, this keeps it on in an image of the user's own. */}}
   value: {{ include "fanout.storageSetting" . | quote }}
 - name: PREFECT_PLUGINS_ENABLED
   value: "true"
-{{- if eq .Values.storage.type "s3" }}
+{{- if include "fanout.s3Storage" . }}
 {{- include "fanout.s3Env" . }}
 {{- end }}
 {{- end }}
 
-{{/* S3 credentials from the user's Secret, as environment variables. */}}
+{{/* S3 credentials from the user's Secret (or the bundled object server's), as
+environment variables; boto3 reads them in every process, they are never in a block. */}}
 {{- define "fanout.s3Env" }}
+{{- $secret := .Values.storage.s3.existingSecret }}
+{{- if eq .Values.storage.type "objectStore" }}
+{{- $secret = include "fanout.objectStoreSecretName" . }}
+- name: AWS_DEFAULT_REGION
+  value: us-east-1
+{{- end }}
 - name: AWS_ACCESS_KEY_ID
   valueFrom:
     secretKeyRef:
-      name: {{ .Values.storage.s3.existingSecret }}
+      name: {{ $secret }}
       key: AWS_ACCESS_KEY_ID
 - name: AWS_SECRET_ACCESS_KEY
   valueFrom:
     secretKeyRef:
-      name: {{ .Values.storage.s3.existingSecret }}
+      name: {{ $secret }}
       key: AWS_SECRET_ACCESS_KEY
 {{- end }}
 
-{{/* The shared-storage volume (none for s3). */}}
+{{/* The shared-storage volume (none for s3 and objectStore). */}}
 {{- define "fanout.sharedVolume" -}}
 {{- if eq .Values.storage.type "pvc" -}}
 - name: shared
@@ -142,7 +172,7 @@ it on too, this keeps it on in an image of the user's own. */}}
 {{- end }}
 
 {{- define "fanout.sharedVolumeMount" -}}
-{{- if ne .Values.storage.type "s3" -}}
+{{- if not (include "fanout.s3Storage" .) -}}
 - name: shared
   mountPath: /shared
 {{- end }}

@@ -16,8 +16,8 @@ Fail fast with a message naming the value, for what values.schema.json cannot ex
 {{- end }}
 
 {{- $st := .Values.storage }}
-{{- if not (has $st.type (list "pvc" "hostPath" "s3")) }}
-{{- fail (printf "storage.type must be one of pvc, hostPath, s3; got %q" $st.type) }}
+{{- if not (has $st.type (list "objectStore" "s3" "pvc" "hostPath")) }}
+{{- fail (printf "storage.type must be one of objectStore, s3, pvc, hostPath; got %q" $st.type) }}
 {{- end }}
 {{- if eq $st.type "s3" }}
 {{- $_ := required "storage.s3.bucket is required when storage.type is s3" $st.s3.bucket }}

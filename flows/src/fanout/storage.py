@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import time
 from pathlib import Path
 
 ENV = "FANOUT_STORAGE"
@@ -79,22 +80,31 @@ def prefect_storage_env() -> dict[str, str]:
 OBJECT_STORE_RETRIES = {"AWS_RETRY_MODE": "standard", "AWS_MAX_ATTEMPTS": "10"}
 
 
-def ensure_s3_bucket(bucket: str, endpoint_url: str = "") -> bool:
-    """Create `bucket` unless it exists; True when it was created.
+def ensure_s3_bucket(bucket: str, endpoint_url: str = "", wait: float = 180) -> bool:
+    """Create `bucket` unless it exists; True when it was created. Waits up to `wait`
+    seconds for the endpoint to answer.
 
     The bundled object store starts empty; a user's own bucket usually exists already
     (then nothing is done, and no create permission is needed).
     """
     import boto3
-    from botocore.exceptions import ClientError
+    from botocore.exceptions import ClientError, EndpointConnectionError
 
     client = boto3.client("s3", endpoint_url=endpoint_url or None)
-    try:
-        client.head_bucket(Bucket=bucket)
-        return False
-    except ClientError as exc:
-        if exc.response.get("Error", {}).get("Code") not in ("404", "NoSuchBucket", "NotFound"):
-            raise
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            client.head_bucket(Bucket=bucket)
+            return False
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") not in ("404", "NoSuchBucket", "NotFound"):
+                raise
+            break
+        except EndpointConnectionError:
+            # The bundled object server may still be starting (the setup hook runs beside it).
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(2)
     client.create_bucket(Bucket=bucket)
     return True
 

@@ -64,6 +64,8 @@ class Stack:
     # port the browser reaches the server on (server.uiApiUrl names it).
     user: tuple[str, str] | None = None
     ui_port: int = 0
+    # More values on top of the kind values (`-f file`, `--set k=v`), for a release of its own.
+    values: tuple[str, ...] = ()
 
     def helm(self, *args: str, check: bool = True, timeout: float = 900) -> subprocess.CompletedProcess[str]:
         cmd = [HELM, "--kubeconfig", self.cluster.kubeconfig, "-n", self.namespace, *args]
@@ -123,7 +125,7 @@ class Stack:
     def start_fanout(self, *args: str) -> str:
         rendered = self.helm(
             "template", RELEASE, str(CHART), "--kube-version", os.environ.get("K8S_VERSION", "v1.33.13"),
-            "-f", str(KIND_VALUES), *self.image_args(), "--show-only", "templates/tests/demo.yaml",
+            "-f", str(KIND_VALUES), *self.values, *self.image_args(), "--show-only", "templates/tests/demo.yaml",
         ).stdout  # fmt: skip
         job = yaml.safe_load(rendered)
         job = copy.deepcopy(job)

@@ -12,14 +12,9 @@ tag=${TAG:-postgres:15-bookworm}
 base=${BASE_IMAGE:-debian:bookworm-slim}
 hash=$( { cat images/postgres/Dockerfile images/postgres/docker-entrypoint.sh; echo "$base"; } | sha256sum | cut -c1-12)
 
-have=$(docker image inspect -f '{{index .Config.Labels "fanout.hash"}}|{{index .Config.Labels "org.opencontainers.image.source"}}' "$tag" 2>/dev/null || true)
-if [ "${have%%|*}" = "$hash" ]; then echo "postgres: $tag up to date" >&2; echo "$tag"; exit 0; fi
-if [ -n "$have" ] && [ "${have%%|*}" = "" ] && [ "${FORCE_BUILD:-0}" != 1 ]; then
-  echo "postgres: using existing $tag (not ours: official or pulled)" >&2; echo "$tag"; exit 0
-fi
-if [ "${FORCE_BUILD:-0}" != 1 ] && timeout "${PULL_TIMEOUT:-20}" docker pull -q "$tag" >/dev/null 2>&1; then
-  echo "postgres: pulled $tag" >&2; echo "$tag"; exit 0
-fi
+# shellcheck source=images/official.sh
+. images/official.sh
+if official_or_ours "$tag" "$hash" postgres; then echo "$tag"; exit 0; fi
 echo "postgres: building $tag from Debian packages (base $base)" >&2
 tar -c images/postgres | nice -n 10 docker build --network host --build-arg "BASE_IMAGE=$base" \
   --label "fanout.hash=$hash" -f images/postgres/Dockerfile -t "$tag" - >&2

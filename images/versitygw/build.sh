@@ -14,14 +14,9 @@ tag="versity/versitygw:$version"
 base=${BASE_IMAGE:-debian:bookworm-slim}
 hash=$( { cat images/versitygw/Dockerfile; echo "$base $version"; } | sha256sum | cut -c1-12)
 
-have=$(docker image inspect -f '{{index .Config.Labels "fanout.hash"}}|{{.Id}}' "$tag" 2>/dev/null || true)
-if [ "${have%%|*}" = "$hash" ]; then echo "versitygw: $tag up to date" >&2; echo "$tag"; exit 0; fi
-if [ -n "$have" ] && [ "${have%%|*}" = "" ] && [ "${FORCE_BUILD:-0}" != 1 ]; then
-  echo "versitygw: using existing $tag (not ours: official or pulled)" >&2; echo "$tag"; exit 0
-fi
-if [ "${FORCE_BUILD:-0}" != 1 ] && timeout "${PULL_TIMEOUT:-20}" docker pull -q "$tag" >/dev/null 2>&1; then
-  echo "versitygw: pulled $tag" >&2; echo "$tag"; exit 0
-fi
+# shellcheck source=images/official.sh
+. images/official.sh
+if official_or_ours "$tag" "$hash" versitygw; then echo "$tag"; exit 0; fi
 echo "versitygw: building $tag from the pinned binary (base $base)" >&2
 ctx=$(mktemp -d); trap 'rm -rf "$ctx"' EXIT
 k8s/scripts/install-tools.sh "$ctx" "versitygw=$version"

@@ -150,16 +150,21 @@ class Stack:
         raise AssertionError(f"job {job} printed no summary:\n{logs[-4000:]}")
 
 
-@pytest.fixture(scope="module")
-def stack(cluster: Cluster, request: pytest.FixtureRequest) -> Iterator[Stack]:
-    ns = f"e2e-stack-{uuid.uuid4().hex[:5]}"
+@contextlib.contextmanager
+def installed(
+    cluster: Cluster, request: pytest.FixtureRequest, prefix: str, values: tuple[str, ...] = ()
+) -> Iterator[Stack]:
+    """The chart installed (kind values, then `values`) into a new namespace `<prefix>-xxxxx`
+    until every pod is ready; uninstalled and the namespace deleted afterwards, its state
+    printed first if a test failed."""
+    ns = f"{prefix}-{uuid.uuid4().hex[:5]}"
     cluster.kubectl("create", "namespace", ns)
     cluster.kubectl("label", "namespace", ns, "fanout.io/e2e=true")
-    s = Stack(cluster, ns, _runtime_image())
+    s = Stack(cluster, ns, _runtime_image(), values=values)
     failed = False
     try:
         s.helm(
-            "install", RELEASE, str(CHART), "-f", str(KIND_VALUES), *s.image_args(),
+            "install", RELEASE, str(CHART), "-f", str(KIND_VALUES), *values, *s.image_args(),
             "--wait", "--wait-for-jobs", "--timeout", f"{int(scaled(900))}s", timeout=960,
         )  # fmt: skip
         yield s
@@ -169,9 +174,15 @@ def stack(cluster: Cluster, request: pytest.FixtureRequest) -> Iterator[Stack]:
         raise
     finally:
         if failed:
-            print(f"\n===== state of {ns} (a stack test failed) =====\n{cluster.dump(ns)}")
+            print(f"\n===== state of {ns} (a test failed) =====\n{cluster.dump(ns)}")
         s.helm("uninstall", RELEASE, "--wait", "--timeout", "300s", check=False)
         cluster.kubectl("delete", "namespace", ns, "--wait=false", check=False)
+
+
+@pytest.fixture(scope="module")
+def stack(cluster: Cluster, request: pytest.FixtureRequest) -> Iterator[Stack]:
+    with installed(cluster, request, "e2e-stack") as s:
+        yield s
 
 
 def _items_exactly_once(summary: dict[str, Any], n: int) -> None:

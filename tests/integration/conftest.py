@@ -11,6 +11,7 @@ import contextlib
 import json
 import os
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,8 @@ from fanout.local import LocalStack, Proc
 from fanout_demo.local import DemoStack
 
 DATABASE = os.environ.get("FANOUT_TEST_DATABASE", "auto")
+# The user's own code (outside our package), on the PYTHONPATH of their processes.
+USERCODE = Path(__file__).resolve().parents[1] / "usercode"
 
 
 def assert_all_stopped(pids: list[int]) -> None:
@@ -81,3 +84,16 @@ def finish(proc: subprocess.Popen[str], timeout: float) -> Any:
     lines = [ln for ln in out.splitlines() if ln.startswith("RESULT ")]
     assert proc.returncode == 0 and lines, f"exit {proc.returncode}:\n{out[-4000:]}"
     return json.loads(lines[-1].removeprefix("RESULT "))
+
+
+def submit(stack: LocalStack, module: str, call: str) -> subprocess.Popen[str]:
+    """The user's flow `call` (e.g. `shout_all([...])`) from `module`, in a submitter
+    process of its own that prints the result as JSON (read it with `finish`)."""
+    code = f"import asyncio, json; from {module} import *; print('RESULT ' + json.dumps({call}))"
+    return subprocess.Popen(
+        [sys.executable, "-c", code],
+        env=stack.env("submitter", PYTHONPATH=str(USERCODE)),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )

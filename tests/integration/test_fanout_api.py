@@ -10,19 +10,16 @@ from __future__ import annotations
 
 import signal
 import subprocess
-import sys
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from conftest import finish, stack_with_reaper, status
+from conftest import USERCODE, finish, stack_with_reaper, status, submit
 from prometheus_client.parser import text_string_to_metric_families
 
 from fanout.local import LocalStack, Proc, wait_until
 
-USERCODE = Path(__file__).resolve().parents[1] / "usercode"
 TASKS = "userwork.bulk:shout,userwork.bulk:slow_shout,userwork.bulk:pad"
 
 
@@ -37,14 +34,7 @@ def user_worker(stack: LocalStack, limit: int = 4) -> Proc:
 
 
 def start(stack: LocalStack, call: str) -> subprocess.Popen[str]:
-    code = f"import asyncio, json; from userwork.bulk import *; print('RESULT ' + json.dumps({call}))"
-    return subprocess.Popen(
-        [sys.executable, "-c", code],
-        env=stack.env("submitter", PYTHONPATH=str(USERCODE)),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    return submit(stack, "userwork.bulk", call)
 
 
 WORDS = [f"word-{i}" for i in range(1000)]

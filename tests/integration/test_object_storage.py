@@ -11,20 +11,17 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import boto3
 import pytest
-from conftest import finish, status
+from conftest import USERCODE, finish, status, submit
 
 from fanout.local import LocalStack, Proc, free_port, http_ok, wait_until
 
 REPO = Path(__file__).resolve().parents[2]
-USERCODE = REPO / "tests" / "usercode"
 VERSITYGW = os.environ.get("VERSITYGW") or str(REPO / ".bin" / "versitygw")
 BUCKET = "fanout-it"
 KEYS = {"AWS_ACCESS_KEY_ID": "it-access", "AWS_SECRET_ACCESS_KEY": "it-secret-key-0123456789"}
@@ -82,18 +79,6 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ObjectStack]:
 
 def user_worker(stack: LocalStack, limit: int = 4) -> Proc:
     return stack.start_worker("user", limit=limit, tasks=TASKS, env={"PYTHONPATH": str(USERCODE)})
-
-
-def submit(stack: LocalStack, module: str, call: str) -> subprocess.Popen[str]:
-    """The user's flow `call` from `module` in a submitter process, printing its result."""
-    code = f"import asyncio, json; from {module} import *; print('RESULT ' + json.dumps({call}))"
-    return subprocess.Popen(
-        [sys.executable, "-c", code],
-        env=stack.env("submitter", PYTHONPATH=str(USERCODE)),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
 
 
 def local_files(stack: LocalStack) -> list[Path]:

@@ -1,0 +1,19 @@
+# Sourced by the build scripts of images that stand in for an official image under its own
+# name (postgres, versitygw): use the official one wherever it is here or can be pulled.
+#
+# official_or_ours TAG HASH NAME: succeeds when TAG needs no build: it is ours and labelled
+# with HASH (the hash of its inputs), or it is not ours (the official image, pulled before),
+# or it can be pulled now. Fails when it must be built. FORCE_BUILD=1 always builds.
+official_or_ours() {
+  local tag=$1 hash=$2 name=$3 have
+  have=$(docker image inspect -f '{{index .Config.Labels "fanout.hash"}}|{{.Id}}' "$tag" 2>/dev/null || true)
+  if [ "${have%%|*}" = "$hash" ]; then echo "$name: $tag up to date" >&2; return 0; fi
+  [ "${FORCE_BUILD:-0}" = 1 ] && return 1
+  if [ -n "$have" ] && [ -z "${have%%|*}" ]; then
+    echo "$name: using existing $tag (not ours: official or pulled)" >&2; return 0
+  fi
+  if timeout "${PULL_TIMEOUT:-20}" docker pull -q "$tag" >/dev/null 2>&1; then
+    echo "$name: pulled $tag" >&2; return 0
+  fi
+  return 1
+}

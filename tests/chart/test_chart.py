@@ -368,21 +368,27 @@ def test_reaper_is_one_pod_that_reaches_the_prefect_api_only(render):
     (c,) = spec["containers"]
     assert c["command"] == [
         "python", "-m", "fanout.reaper", "--interval", "10", "--stale-after", "30", "--max-deliveries", "3",
-        "--fail-unserved-after", "600",
+        "--fail-unserved-after", "600", "--storage-ttl", "21600",
     ]  # fmt: skip
     # Its own ServiceAccount without a token, and no Role bound to it.
     assert spec["serviceAccountName"] == REAPER
     assert spec["automountServiceAccountToken"] is False
     assert docs.get("ServiceAccount", REAPER)["automountServiceAccountToken"] is False
     assert REAPER not in {s["name"] for b in docs.all("RoleBinding") for s in b["subjects"]}
-    # The task workers' way to the API (URL and credentials) and nothing else: it never
-    # reads task parameters or results, so no storage either.
+    # The task workers' way to the API (URL and credentials) and to the storage, whose
+    # old objects it deletes (it never reads them).
     light = env_of(pod_spec(docs.get("Deployment", f"{FULL}-pool-light"))["containers"][0])
     api = {k: v for k, v in env_of(c).items() if k.startswith("PREFECT_")}
-    assert api == {"PREFECT_API_URL": API_URL, "PREFECT_API_AUTH_STRING": AUTH_REF}
+    assert api == {"PREFECT_API_URL": API_URL, "PREFECT_API_AUTH_STRING": AUTH_REF, "PREFECT_PLUGINS_ENABLED": "true"}
     assert {k: light[k] for k in api} == api
-    assert env_of(c).keys() - api.keys() == {"FANOUT_METRICS_HOST", "FANOUT_METRICS_PORT", "FANOUT_POOLS"}
-    assert [v["name"] for v in spec["volumes"]] == ["tmp"]
+    assert env_of(c).keys() - api.keys() == {
+        "FANOUT_METRICS_HOST",
+        "FANOUT_METRICS_PORT",
+        "FANOUT_POOLS",
+        "FANOUT_STORAGE",
+    }
+    assert env_of(c)["FANOUT_STORAGE"] == light["FANOUT_STORAGE"]
+    assert [v["name"] for v in spec["volumes"]] == ["tmp", "shared"]
     assert c["resources"] == {
         "requests": {"cpu": "50m", "memory": "192Mi", "ephemeral-storage": "128Mi"},
         "limits": {"memory": "384Mi", "ephemeral-storage": "2Gi"},
@@ -398,6 +404,7 @@ def test_reaper_settings_come_from_values(render):
             "staleAfter": 60,
             "maxDeliveries": 7,
             "failUnservedAfter": 120,
+            "storageTtl": 0,
             "resources": {"requests": {"cpu": "20m"}},
             "nodeSelector": {"tier": "system"},
             "tolerations": [toleration],
@@ -407,7 +414,8 @@ def test_reaper_settings_come_from_values(render):
     }
     spec = pod_spec(render(values).get("Deployment", REAPER))
     assert spec["containers"][0]["command"][3:] == [
-        "--interval", "5", "--stale-after", "60", "--max-deliveries", "7", "--fail-unserved-after", "120"
+        "--interval", "5", "--stale-after", "60", "--max-deliveries", "7", "--fail-unserved-after", "120",
+        "--storage-ttl", "0",
     ]  # fmt: skip
     assert spec["containers"][0]["resources"]["requests"] == {
         "cpu": "20m", "memory": "192Mi", "ephemeral-storage": "128Mi"
@@ -643,7 +651,7 @@ def test_the_bundled_object_store_serves_every_pod_over_s3_from_one_rwo_claim(re
         if "persistentVolumeClaim" in v
     ]
     assert [c for c in claims if c[1] == name] == [(name, name)], claims
-    for deployment in (f"{FULL}-pool-light", f"{FULL}-pool-heavy"):
+    for deployment in (f"{FULL}-pool-light", f"{FULL}-pool-heavy", f"{FULL}-reaper"):  # reaper: the TTL sweep
         env = env_of(pod_spec(docs.get("Deployment", deployment))["containers"][0])
         assert env["FANOUT_STORAGE"] == "s3-bucket/fanout", deployment
         assert env["AWS_ACCESS_KEY_ID"] == {"secretKeyRef": {"name": name, "key": "AWS_ACCESS_KEY_ID"}}
@@ -955,7 +963,7 @@ def test_auth_disabled_removes_the_secret_and_every_reference(render):
     assert AUTH_SECRET not in docs.names("Secret")
     assert "AUTH_STRING" not in json.dumps(docs)
     reaper = env_of(pod_spec(docs.get("Deployment", REAPER))["containers"][0])
-    assert {k: v for k, v in reaper.items() if k.startswith("PREFECT_")} == {"PREFECT_API_URL": API_URL}
+    assert {k: v for k, v in reaper.items() if k.startswith("PREFECT_API")} == {"PREFECT_API_URL": API_URL}
 
 
 # --- network policy -------------------------------------------------------------------
@@ -1132,4 +1140,5 @@ def test_chart_defaults_are_the_codes_defaults():
     assert reaper["staleAfter"] == settings.STALE_AFTER
     assert reaper["maxDeliveries"] == settings.MAX_DELIVERIES
     assert reaper["failUnservedAfter"] == settings.FAIL_UNSERVED_AFTER
+    assert reaper["storageTtl"] == settings.STORAGE_TTL
     assert reaper["staleAfter"] >= 3 * settings.HEARTBEAT_SECONDS

@@ -124,3 +124,46 @@ def test_an_object_server_killed_mid_run_loses_nothing(stack: ObjectStack, worke
     got = finish(proc, 300)
     assert got["failed"] == {}, got["failed"]
     assert [v["word"] for v in got["values"]] == [f"W{i}" for i in range(60)]
+
+
+def test_a_collected_fan_out_leaves_nothing_in_the_bucket(stack: ObjectStack, workers: list[Proc]) -> None:
+    """2,000 items: once the parent has read each chunk's result, it deletes that run's
+    parameters and result (fanout.retention); the bucket is as it was before."""
+    workers += [user_worker(stack) for _ in range(2)]
+    before = set(stack.objects())
+    words = [f"w{i}" for i in range(2000)]
+    got = finish(submit(stack, "userwork.bulk", f"shout_all({words!r}, chunk_size=20)"), 300)
+    assert got["failed"] == {} and len(got["values"]) == 2000
+    # What stays is the user's flow's own return value (Prefect persists every flow's
+    # result): one object, not the 200 of the fan-out's 100 runs.
+    left = set(stack.objects()) - before
+    assert len(left) <= 1 and not [k for k in left if "parameters/" in k], sorted(left)[:5]
+
+
+def test_the_reapers_time_to_live_sweep_removes_what_a_killed_parent_left(
+    stack: ObjectStack, workers: list[Proc]
+) -> None:
+    """A parent killed mid-run never collects: its runs' parameters and results stay until
+    a reaper with a short time-to-live deletes everything older than it."""
+    workers += [user_worker(stack) for _ in range(2)]
+    before = set(stack.objects())
+    parent = submit(stack, "userwork.bulk", "slow_shout_all(16, chunk_size=1)")
+    wait_until(lambda: len(set(stack.objects()) - before) >= 16, 120, "the parent's runs stored")
+    parent.kill()
+    parent.wait(10)
+    # Its runs created before it died still run; their parameters and results stay.
+    seen: list[int] = []
+
+    def settled() -> bool:
+        seen.append(len(stack.objects()))
+        return len(seen) > 10 and len(set(seen[-10:])) == 1 and not any(status(w)["running"] for w in workers)
+
+    wait_until(settled, 120, "the orphaned runs finished")
+    left = set(stack.objects()) - before
+    assert [k for k in left if "parameters/" in k], sorted(left)[:5]  # (it collected a few first)
+    sweeper = stack.start_reaper(interval=1.0, stale_after=6.0, storage_ttl=5, storage_sweep_every=2)
+    try:
+        wait_until(lambda: not set(stack.objects()) & left, 90, "the sweep deleted them")
+    finally:
+        sweeper.stop()
+    assert "older than 5s" in sweeper.output(), sweeper.output()[-2000:]

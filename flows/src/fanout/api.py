@@ -54,7 +54,8 @@ from prefect.variables import Variable
 from fanout import settings
 from fanout.chunks import ChunkFailed, chunk_task, describe, function_of
 from fanout.liveness import ledger_name, read_heartbeats, unserved_reason
-from fanout.submit import submit_many
+from fanout.retention import Remover, parameters_key, result_key
+from fanout.submit import create_runs
 
 POLL_PAGE = 200  # the API's default page size
 MAX_ITEMS = 10_000_000  # more in one fan-out is a mistake (or needs fan_out_iter in parts)
@@ -119,6 +120,7 @@ class _Stats:
     task_runs: int = 0
     submit_seconds: float = 0.0
     redelivered: int = 0
+    storage_deleted: int = 0  # parameters and results deleted once read
 
 
 def auto_chunk_size(items: int | None, slots: int) -> int:
@@ -260,6 +262,8 @@ def fan_out_iter(
         pending: list[tuple[int, list[Any]]] = []  # chunks to (re)submit
         in_flight: dict[UUID, tuple[int, int]] = {}  # run -> (start, stop)
         missing: dict[UUID, bool] = {}  # runs a read did not return
+        stored: dict[UUID, str] = {}  # run -> its parameters' key, deleted once its result is read
+        remover = Remover()
         states: Counter[str] = Counter()
         done = failed = 0
         started = time.monotonic()
@@ -281,14 +285,16 @@ def fan_out_iter(
                     take, pending = pending[: window - len(in_flight)], pending[window - len(in_flight) :]
                     calls = [{"start": s, "stop": s + len(b), "items": b} for s, b in take]
                     t0 = time.monotonic()
-                    created = submit_many(task, calls)  # refuses the window whole if a chunk is too big
+                    created = create_runs(task, calls)  # refuses the window whole if a chunk is too big
                     stats.submit_seconds += time.monotonic() - t0
                     for (start, batch), run in zip(take, created, strict=True):
                         if isinstance(run, Exception):  # server away: submit again, until the deadline
                             pending.append((start, batch))
                             submit_error = describe(run)
                         else:
-                            in_flight[run] = (start, start + len(batch))
+                            in_flight[run.id] = (start, start + len(batch))
+                            if run.state and run.state.state_details.task_parameters_id:
+                                stored[run.id] = parameters_key(run.state.state_details.task_parameters_id)
                             stats.task_runs += 1
                     if pending and time.monotonic() - bar.last > 2:
                         log.warning("%s: %d chunks not submitted yet (%s); retrying", name, len(pending), submit_error)
@@ -321,11 +327,15 @@ def fan_out_iter(
                         states[run.state.name] += 1
                         continue
                     start, stop = in_flight.pop(run.id)
-                    for outcome in _outcomes(run, start, stop):
+                    outcomes = _outcomes(run, start, stop)
+                    # Read: its parameters and result are of no more use to anyone.
+                    remover.add([stored.pop(run.id, None), result_key(run.state)])
+                    for outcome in outcomes:
                         done += 1
                         failed += not outcome.ok
                         yield outcome
                     interval = 0.2
+                remover.flush()
                 # 3. a function no live worker serves with this code is named, not waited on
                 if not unserved_checked and in_flight and time.monotonic() - started > settings.UNSERVED_PATIENCE:
                     unserved_checked = True
@@ -349,6 +359,8 @@ def fan_out_iter(
                     time.sleep(interval)
                     interval = min(1.0, interval * 1.5)
         finally:
+            remover.flush()
+            stats.storage_deleted = remover.deleted
             bar.update(done, failed, states, force=True)
             bar.close()
             stats.redelivered = _redelivered(tag)

@@ -322,13 +322,16 @@ class LocalStack:
         max_deliveries: int = 3,
         fail_unserved_after: float = 600,
         backlog_scan: int = settings.BACKLOG_SCAN,
+        storage_ttl: float = settings.STORAGE_TTL,
+        storage_sweep_every: float = settings.STORAGE_SWEEP_INTERVAL,
     ) -> Proc:
         """The reaper (`python -m fanout.reaper`), with short timings for a local demo/test."""
         port = free_port()
         argv = [sys.executable, "-m", "fanout.reaper", "--interval", str(interval), "--stale-after",
                 str(stale_after), "--max-deliveries", str(max_deliveries),
                 "--fail-unserved-after", str(fail_unserved_after), "--metrics-port", str(port),
-                "--backlog-scan", str(backlog_scan)]  # fmt: skip
+                "--backlog-scan", str(backlog_scan), "--storage-ttl", str(storage_ttl),
+                "--storage-sweep-every", str(storage_sweep_every)]  # fmt: skip
         return self.spawn("reaper", argv, self.env("reaper"), port)
 
     def restart_server(self, timeout: float = 90) -> Proc:

@@ -30,6 +30,9 @@ Both transitions keep the run's parameters (`task_parameters_id`) so the new wor
 reads the same inputs. Prefect's own rule against PENDING -> PENDING makes a second
 delivery of a run already picked up abort instead of running twice.
 
+It also deletes stored task parameters and results older than `--storage-ttl` (six
+hours by default; see fanout.retention): what no parent collected.
+
 Run it as `python -m fanout.reaper` (one replica is enough; two are harmless).
 """
 
@@ -52,7 +55,7 @@ from prefect.states import Failed, Scheduled
 from prefect.variables import Variable
 from prometheus_client import start_http_server
 
-from fanout import settings
+from fanout import retention, settings
 from fanout.liveness import Heartbeat, fanout_tags, ledger_name, read_heartbeats, task_name, unserved_reason
 from fanout.metrics import Load, PoolMetrics, pool_registry
 
@@ -294,7 +297,21 @@ def main(argv: list[str] | None = None) -> None:
         help='the pools and the tasks they serve, as JSON: {"light": ["module:attribute", ...]}; their '
         "backlog is counted even while they have no worker",
     )
+    p.add_argument(
+        "--storage-ttl",
+        type=float,
+        default=settings.STORAGE_TTL,
+        help="seconds after which stored task parameters and results are deleted (0: never); see fanout.retention",
+    )
+    p.add_argument(
+        "--storage-sweep-every",
+        type=float,
+        default=settings.STORAGE_SWEEP_INTERVAL,
+        help="seconds between those deletions",
+    )
     args = p.parse_args(argv)
+    if args.storage_ttl < 0 or args.storage_sweep_every <= 0:
+        p.error("--storage-ttl must be >= 0 and --storage-sweep-every > 0")
     if args.interval <= 0 or args.stale_after <= 0 or args.max_deliveries < 1 or args.fail_unserved_after < 0:
         p.error("--interval and --stale-after must be > 0, --max-deliveries >= 1, --fail-unserved-after >= 0")
     if args.backlog_scan < 1:
@@ -327,7 +344,16 @@ def main(argv: list[str] | None = None) -> None:
         if args.metrics_port >= 0:
             server, _ = start_http_server(args.metrics_port, args.metrics_host, registry=pool_registry(reaper.metrics))
             log.info("metrics on http://%s:%d/metrics", *server.server_address[:2])
+        next_storage_sweep = time.monotonic() + min(args.storage_sweep_every, 60.0)
         while not stop:
+            if args.storage_ttl and time.monotonic() >= next_storage_sweep:
+                next_storage_sweep = time.monotonic() + args.storage_sweep_every
+                try:
+                    files, size = retention.sweep(ttl := args.storage_ttl)
+                    if files:
+                        log.info("storage: deleted %d objects (%d bytes) older than %.0fs", files, size, ttl)
+                except Exception as exc:  # noqa: BLE001 - storage away: the next sweep tries again
+                    log.warning("storage sweep failed: %s", exc)
             try:
                 s = reaper.sweep()
                 if s.redelivered or s.requeued or s.poisoned or s.failed_unserved:

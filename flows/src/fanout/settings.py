@@ -28,6 +28,8 @@ STALE_AFTER = 30.0  # heartbeat age after which a worker counts as dead (>= 3 he
 MAX_DELIVERIES = 3  # deliveries before a run is failed as poison
 FAIL_UNSERVED_AFTER = 600.0  # seconds before a run no live worker serves is failed (0: never)
 BACKLOG_SCAN = 500  # runs read per state and sweep, oldest first; past it counts are extrapolated
+STORAGE_TTL = 21600.0  # seconds: stored parameters and results older than this are deleted (0: never)
+STORAGE_SWEEP_INTERVAL = 600.0  # seconds between those deletions (they list the whole storage)
 
 # -- waiting (every process, through our Prefect plugin) ---------------------------------
 WAIT_POLL_SECONDS = 2.0  # futures also poll their runs' states this often (FANOUT_WAIT_POLL_SECONDS)

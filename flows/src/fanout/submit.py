@@ -33,6 +33,7 @@ from uuid import UUID
 import cloudpickle
 import prefect.tasks
 from prefect import Task
+from prefect.client.schemas.objects import TaskRun
 from prefect.context import AsyncClientContext, serialize_context
 from prefect.results import aresolve_result_storage
 from prefect.utilities.engine import emit_task_run_state_change_event
@@ -111,7 +112,7 @@ def _context_serialized_once() -> Iterator[None]:
 
 async def _submit_all(
     task: Task[..., Any], calls: Sequence[dict[str, Any]], concurrency: int
-) -> list[UUID | Exception]:
+) -> list[TaskRun | Exception]:
     gate = asyncio.Semaphore(concurrency)
     emit = scheduled_events()
     async with AsyncClientContext() as ctx:
@@ -122,7 +123,7 @@ async def _submit_all(
             task = copy.copy(task)
             task.result_storage = await aresolve_result_storage(task.result_storage)
 
-        async def one(parameters: dict[str, Any]) -> UUID | Exception:
+        async def one(parameters: dict[str, Any]) -> TaskRun | Exception:
             async with gate:
                 try:
                     run = await task.create_run(client=client, parameters=parameters, deferred=True)
@@ -130,7 +131,7 @@ async def _submit_all(
                     return exc
                 if emit:
                     emit_task_run_state_change_event(task_run=run, initial_state=None, validated_state=run.state)
-                return run.id
+                return run
 
         return list(await asyncio.gather(*(one(p) for p in calls)))
 
@@ -141,6 +142,14 @@ def submit_many(task: Task[..., Any], calls: Sequence[dict[str, Any]], concurren
     the exception that prevented its creation, so the caller can account for every item.
     Raises PayloadTooLarge, before creating any run, if one call's parameters are too big.
     """
+    return [r if isinstance(r, Exception) else r.id for r in create_runs(task, calls, concurrency)]
+
+
+def create_runs(
+    task: Task[..., Any], calls: Sequence[dict[str, Any]], concurrency: int = 32
+) -> list[TaskRun | Exception]:
+    """`submit_many`, returning the created runs (their Scheduled state names where the
+    parameters were stored: `state.state_details.task_parameters_id`)."""
     if concurrency < 1:
         raise ValueError(f"concurrency must be >= 1, got {concurrency}")
     if not calls:

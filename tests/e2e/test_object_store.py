@@ -1,0 +1,66 @@
+"""The bundled object store on kind, without the shared hostPath: storage that works on any
+multi-node cluster whose only volumes are ReadWriteOnce.
+
+A release of its own (`storage.type: objectStore`): versitygw keeps every task's
+parameters and result on one ReadWriteOnce claim (kind's local-path provisioner binds it
+to one node), and the light pods, forced onto both worker nodes, reach it over S3. A busy
+worker pod and then the object server's pod are deleted mid-run: nothing is lost.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+from e2e_kube import Cluster, eventually
+from test_stack import RELEASE, Stack, _items_exactly_once, _pod_of, installed
+
+STORE = f"{RELEASE}-object-store"
+# The light pool on both worker nodes (one pod per node, the large node's taint tolerated),
+# no heavy pool; storage through the bundled object server instead of kind's hostPath.
+VALUES = (
+    "--set", "storage.type=objectStore",
+    "--set", "storage.objectStore.persistence.size=1Gi",
+    "--set", "pools.light.replicas=2",
+    "--set", "pools.heavy.replicas=0",
+    "--set-json", 'pools.light.tolerations=[{"key":"fanout.io/pool","operator":"Exists","effect":"NoSchedule"}]',
+    "--set-json", 'pools.light.affinity={"podAntiAffinity":{"requiredDuringSchedulingIgnoredDuringExecution":'
+    '[{"topologyKey":"kubernetes.io/hostname","labelSelector":{"matchLabels":{"fanout.io/pool":"light"}}}]}}',
+)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def stack(cluster: Cluster, request: pytest.FixtureRequest) -> Iterator[Stack]:
+    with installed(cluster, request, "e2e-objects", VALUES) as s:
+        yield s
+
+
+def _nodes(stack: Stack, selector: str) -> dict[str, str]:
+    return {p["metadata"]["name"]: p["spec"].get("nodeName", "") for p in stack.pods(selector)}
+
+
+def test_the_object_store_serves_light_pods_on_both_nodes_and_loses_nothing_when_pods_die(stack: Stack) -> None:
+    light = _nodes(stack, "fanout.io/pool=light")
+    assert len(set(light.values())) == 2, f"the light pods on two nodes: {light}"
+    claim = stack.cluster.json("-n", stack.namespace, "get", "pvc", STORE)
+    assert claim["spec"]["accessModes"] == ["ReadWriteOnce"]
+    pods = stack.pods(f"app.kubernetes.io/instance={RELEASE}")
+    host_paths = [p["metadata"]["name"] for p in pods for v in p["spec"].get("volumes", []) if "hostPath" in v]
+    assert not host_paths, f"no pod of the release uses a hostPath: {host_paths}"
+
+    # 500 items over both nodes: every item exactly once, both pods took a share.
+    summary = stack.wait_fanout(stack.start_fanout("--items", "500", "--chunk-size", "5", "--heavy-batches", "0"))
+    _items_exactly_once(summary, 500)
+    assert {_pod_of(w) for w in summary["per_worker"]} == set(light), summary["per_worker"]
+
+    # A busy worker pod, then the object server's pod, deleted mid-run.
+    job = stack.start_fanout("--items", "200", "--chunk-size", "1", "--item-sleep", "1", "--heavy-batches", "0")
+    stack.wait_busy(job, done=10, running=4)
+    victim = sorted(light)[0]
+    stack.k("delete", "pod", victim, "--grace-period=0", "--force")
+    stack.wait_busy(job, done=40, running=2)
+    (store,) = stack.ready_pods(f"app.kubernetes.io/component=object-store,app.kubernetes.io/instance={RELEASE}")
+    stack.k("delete", "pod", store, "--wait=false")
+    summary = stack.wait_fanout(job)
+    _items_exactly_once(summary, 200)
+    eventually(lambda: len(stack.ready_pods("app.kubernetes.io/component=object-store")) == 1, timeout=120)

@@ -28,13 +28,8 @@ BIN = Path(os.environ.get("BIN_DIR", REPO / ".bin"))
 CHART = REPO / "charts" / "fanout"
 KIND_VALUES = CHART / "ci" / "kind-values.yaml"
 CONTEXT = f"kind-{os.environ.get('CLUSTER_NAME', 'fanout')}"
-PLACEMENT = (
-    "--set", "pools.light.replicas=2",
-    "--set", "pools.heavy.replicas=0",
-    "--set-json", 'pools.light.tolerations=[{"key":"fanout.io/pool","operator":"Exists","effect":"NoSchedule"}]',
-    "--set-json", 'pools.light.affinity={"podAntiAffinity":{"requiredDuringSchedulingIgnoredDuringExecution":'
-    '[{"topologyKey":"kubernetes.io/hostname","labelSelector":{"matchLabels":{"fanout.io/pool":"light"}}}]}}',
-)  # fmt: skip
+# Two light pods, one on each worker node, no heavy pool; objectStore unless --set.
+PLACEMENT = ("-f", str(CHART / "ci" / "kind-objectstore-values.yaml"))
 
 
 def run(*cmd: str, stdin: str | None = None, timeout: float = 900) -> str:

@@ -56,6 +56,7 @@ HOSTPATH = {"storage": {"type": "hostPath", "hostPath": {"path": "/mnt/fanout"}}
 NO_AUTH_NO_REAPER = {"auth": {"enabled": False}, "reaper": {"enabled": False}}
 LOCKED_DOWN = {"auth": {"existingSecret": "team-auth"}, "networkPolicy": {"enabled": True}}
 KIND = yaml.safe_load((CHART / "ci" / "kind-values.yaml").read_text())
+KIND_OBJECT_STORE = yaml.safe_load((CHART / "ci" / "kind-objectstore-values.yaml").read_text())
 LARGE = {"fanout.io/pool": "large"}
 LARGE_TOLERATION = {"key": "fanout.io/pool", "operator": "Equal", "value": "large", "effect": "NoSchedule"}
 CRUNCH = {"name": "crunch", "entrypoint": "fanout_demo.tasks:crunch", "jobVariables": {}}
@@ -89,6 +90,7 @@ VALUE_SETS = {
     "scaled": SCALED,
     "hostpath": HOSTPATH,
     "kind": KIND,
+    "kind-object-store": KIND_OBJECT_STORE,
     "no-auth-no-reaper": NO_AUTH_NO_REAPER,
     "locked-down": LOCKED_DOWN,
     "user-deployments": USER_DEPLOYMENTS,

@@ -13,20 +13,10 @@ from collections.abc import Iterator
 
 import pytest
 from e2e_kube import Cluster, eventually
-from test_stack import RELEASE, Stack, _items_exactly_once, _pod_of, installed
+from test_stack import CHART, RELEASE, Stack, _items_exactly_once, _pod_of, installed
 
 STORE = f"{RELEASE}-object-store"
-# The light pool on both worker nodes (one pod per node, the large node's taint tolerated),
-# no heavy pool; storage through the bundled object server instead of kind's hostPath.
-VALUES = (
-    "--set", "storage.type=objectStore",
-    "--set", "storage.objectStore.persistence.size=1Gi",
-    "--set", "pools.light.replicas=2",
-    "--set", "pools.heavy.replicas=0",
-    "--set-json", 'pools.light.tolerations=[{"key":"fanout.io/pool","operator":"Exists","effect":"NoSchedule"}]',
-    "--set-json", 'pools.light.affinity={"podAntiAffinity":{"requiredDuringSchedulingIgnoredDuringExecution":'
-    '[{"topologyKey":"kubernetes.io/hostname","labelSelector":{"matchLabels":{"fanout.io/pool":"light"}}}]}}',
-)  # fmt: skip
+VALUES = ("-f", str(CHART / "ci" / "kind-objectstore-values.yaml"))
 
 
 @pytest.fixture(scope="module")

@@ -23,6 +23,7 @@ from fanout import settings
 from fanout.settings import SERVER_SETTINGS
 
 FULL = f"{RELEASE}-fanout"
+STORE = f"{FULL}-object-store"
 SERVER = f"{FULL}-server"
 REAPER = f"{FULL}-reaper"
 API_URL = f"http://{SERVER}:4200/api"
@@ -191,15 +192,17 @@ def test_names_and_labels_fit_63_characters_for_long_release_names(name, helm, t
 
 def test_defaults_deploy_the_whole_stack(render):
     docs = render()
-    assert docs.names("Deployment") == {SERVER, f"{FULL}-pool-light", f"{FULL}-pool-heavy", f"{FULL}-worker", REAPER}
+    assert docs.names("Deployment") == {
+        SERVER, f"{FULL}-pool-light", f"{FULL}-pool-heavy", f"{FULL}-worker", REAPER, STORE
+    }  # fmt: skip
     assert docs.names("StatefulSet") == {f"{FULL}-postgresql"}
-    assert docs.names("Secret") == {f"{FULL}-postgresql", AUTH_SECRET}
+    assert docs.names("Secret") == {f"{FULL}-postgresql", AUTH_SECRET, STORE}
     assert docs.names("ServiceAccount") == {f"{FULL}-worker", REAPER}
     assert not docs.all("NetworkPolicy")
     assert docs.names("Service") == {  # -hl: headless; reaper and task-workers: /metrics
-        SERVER, f"{FULL}-postgresql", f"{FULL}-postgresql-hl", REAPER, f"{FULL}-task-workers"
+        SERVER, f"{FULL}-postgresql", f"{FULL}-postgresql-hl", REAPER, f"{FULL}-task-workers", STORE
     }  # fmt: skip
-    assert docs.names("PersistentVolumeClaim") == {f"{FULL}-shared"}
+    assert docs.names("PersistentVolumeClaim") == {STORE}  # read and written by the object store alone
     assert docs.names("PodDisruptionBudget") == {f"{FULL}-pool-light", f"{FULL}-pool-heavy"}
     hooks = {d["metadata"]["name"]: d["metadata"]["annotations"]["helm.sh/hook"] for d in docs.all("Job")}
     assert hooks == {f"{FULL}-setup": "post-install,post-upgrade", f"{FULL}-demo": "test"}
@@ -264,13 +267,11 @@ def test_pools_are_task_worker_deployments(render):
         assert env["FANOUT_HEALTH_HOST"] == "0.0.0.0"
         assert env["FANOUT_HEALTH_PORT"] == "8080"
         assert env["PREFECT_API_URL"] == API_URL
-        assert env["FANOUT_STORAGE"] == "/shared/fanout"
+        assert env["FANOUT_STORAGE"] == "s3-bucket/fanout"  # the bundled object store
         assert c["livenessProbe"]["httpGet"] == {"path": "/livez", "port": "health"}  # its loop turns
         assert c["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "health"}  # subscribed, not draining
         assert {"name": "health", "containerPort": 8080, "protocol": "TCP"} in c["ports"]
-        assert {"name": "shared", "mountPath": "/shared"} in c["volumeMounts"]
-        volumes = {v["name"]: v for v in pod_spec(dep)["volumes"]}
-        assert volumes["shared"]["persistentVolumeClaim"] == {"claimName": f"{FULL}-shared"}
+        assert [m["name"] for m in c["volumeMounts"]] == ["tmp"]  # storage over S3, on any node
         pdb = docs.get("PodDisruptionBudget", f"{FULL}-pool-{pool}")
         assert pdb["spec"]["selector"] == dep["spec"]["selector"]
         assert pdb["spec"]["maxUnavailable"] == 1
@@ -331,7 +332,14 @@ def test_sqlite_database_lives_on_a_server_volume(render):
 
 def test_custom_pools(render):
     docs = render(CUSTOM_POOLS)
-    assert docs.names("Deployment") == {SERVER, f"{FULL}-worker", REAPER, f"{FULL}-pool-light", f"{FULL}-pool-batch"}
+    assert docs.names("Deployment") == {
+        SERVER,
+        f"{FULL}-worker",
+        REAPER,
+        f"{FULL}-pool-light",
+        f"{FULL}-pool-batch",
+        STORE,
+    }
     light = docs.get("Deployment", f"{FULL}-pool-light")
     assert light["spec"]["replicas"] == 5
     assert env_of(pod_spec(light)["containers"][0])["FANOUT_WORKER_LIMIT"] == "3"
@@ -388,9 +396,13 @@ def test_reaper_is_one_pod_that_reaches_the_prefect_api_only(render):
         "FANOUT_METRICS_PORT",
         "FANOUT_POOLS",
         "FANOUT_STORAGE",
+        "AWS_DEFAULT_REGION",
+        "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY",
     }
-    assert env_of(c)["FANOUT_STORAGE"] == light["FANOUT_STORAGE"]
-    assert [v["name"] for v in spec["volumes"]] == ["tmp", "shared"]
+    for name in ("FANOUT_STORAGE", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        assert env_of(c)[name] == light[name]
+    assert [v["name"] for v in spec["volumes"]] == ["tmp"]  # the object store is reached over S3
     assert c["resources"] == {
         "requests": {"cpu": "50m", "memory": "192Mi", "ephemeral-storage": "128Mi"},
         "limits": {"memory": "384Mi", "ephemeral-storage": "2Gi"},
@@ -676,8 +688,20 @@ def test_hostpath_storage(render):
     assert {v["name"]: v for v in spec["volumes"]}["shared"]["hostPath"] == {"path": "/mnt/fanout", "type": "Directory"}
 
 
+def test_pvc_storage_creates_one_shared_claim_every_pool_mounts(render):
+    docs = render({"storage": {"type": "pvc", "pvc": {"accessMode": "ReadWriteMany"}}})
+    (claim,) = docs.all("PersistentVolumeClaim")
+    assert claim["metadata"]["name"] == f"{FULL}-shared" and claim["spec"]["accessModes"] == ["ReadWriteMany"]
+    for pool in ("light", "heavy"):
+        spec = pod_spec(docs.get("Deployment", f"{FULL}-pool-{pool}"))
+        assert {v["name"]: v for v in spec["volumes"]}["shared"]["persistentVolumeClaim"] == {
+            "claimName": f"{FULL}-shared"
+        }
+        assert env_of(spec["containers"][0])["FANOUT_STORAGE"] == "/shared/fanout"
+
+
 def test_existing_claim_is_used_and_not_created(render):
-    docs = render({"storage": {"pvc": {"existingClaim": "team-share"}}})
+    docs = render({"storage": {"type": "pvc", "pvc": {"existingClaim": "team-share"}}})
     assert not docs.all("PersistentVolumeClaim")
     spec = pod_spec(docs.get("Deployment", f"{FULL}-pool-light"))
     assert {v["name"]: v for v in spec["volumes"]}["shared"]["persistentVolumeClaim"] == {"claimName": "team-share"}
@@ -759,7 +783,7 @@ def test_base_job_template_makes_valid_flow_run_jobs(name, render, openapi):
     assert spec["automountServiceAccountToken"] is False
     assert spec.get("nodeSelector", {}) == cfg["jobVariables"]["node_selector"]
     assert {m["mountPath"] for m in c["volumeMounts"]} >= {"/tmp"}
-    if name not in ("s3", "object-store"):
+    if name == "kind":  # hostPath; the others reach their storage over S3
         assert {"name": "shared", "mountPath": "/shared"} in c["volumeMounts"]
 
 
@@ -898,7 +922,7 @@ def api_clients(docs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return {
         f"{obj['kind']}/{obj['metadata']['name']}/{c['name']}": c
         for obj in workloads(docs)
-        if obj["metadata"]["name"] not in (SERVER, f"{FULL}-postgresql")
+        if obj["metadata"]["name"] not in (SERVER, f"{FULL}-postgresql", STORE)
         for c in pod_spec(obj)["containers"]
     }
 
@@ -1011,9 +1035,10 @@ def test_demo_job_runs_the_fanout_with_the_worker_environment(render):
     assert pod_spec(extra)["containers"][0]["command"][-2:] == ["--heavy-cpus", "2"]
     env = env_of(c)
     light_env = env_of(pod_spec(docs.get("Deployment", f"{FULL}-pool-light"))["containers"][0])
-    for key in ("PREFECT_API_URL", "FANOUT_STORAGE"):
+    for key in ("PREFECT_API_URL", "FANOUT_STORAGE", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
         assert env[key] == light_env[key]
-    assert {"name": "shared", "mountPath": "/shared"} in c["volumeMounts"]
+    shared = pod_spec(render({"storage": {"type": "pvc"}}).get("Job", f"{FULL}-demo"))["containers"][0]
+    assert {"name": "shared", "mountPath": "/shared"} in shared["volumeMounts"]
 
 
 # --- lint and rejected values ---------------------------------------------------------

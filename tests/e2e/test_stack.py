@@ -20,7 +20,7 @@ import subprocess
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -152,17 +152,23 @@ class Stack:
 
 @contextlib.contextmanager
 def installed(
-    cluster: Cluster, request: pytest.FixtureRequest, prefix: str, values: tuple[str, ...] = ()
+    cluster: Cluster,
+    request: pytest.FixtureRequest,
+    prefix: str,
+    values: tuple[str, ...] = (),
+    before: Callable[[Stack], None] | None = None,
 ) -> Iterator[Stack]:
     """The chart installed (kind values, then `values`) into a new namespace `<prefix>-xxxxx`
-    until every pod is ready; uninstalled and the namespace deleted afterwards, its state
-    printed first if a test failed."""
+    until every pod is ready (`before(stack)` runs first, in that namespace); uninstalled
+    and the namespace deleted afterwards, its state printed first if a test failed."""
     ns = f"{prefix}-{uuid.uuid4().hex[:5]}"
     cluster.kubectl("create", "namespace", ns)
     cluster.kubectl("label", "namespace", ns, "fanout.io/e2e=true")
     s = Stack(cluster, ns, _runtime_image(), values=values)
     failed = False
     try:
+        if before:
+            before(s)
         s.helm(
             "install", RELEASE, str(CHART), "-f", str(KIND_VALUES), *values, *s.image_args(),
             "--wait", "--wait-for-jobs", "--timeout", f"{int(scaled(900))}s", timeout=960,

@@ -560,8 +560,15 @@ def test_an_autoscaled_pool_grows_from_zero_with_its_backlog_and_goes_back_to_ze
     print("autoscaling:", times)
     assert times["scale_up_seconds"] <= 30, times
     assert back_to_zero <= zero_within, times
-    # pods taken away drained first: no run had to be delivered again
-    assert got["redelivered"] == 0, got
+    # Pods taken away drained first: the reaper never had to deliver a run of a worker
+    # that vanished ("redelivered"). A run it put back into the queue ("requeued": one
+    # Scheduled for longer than staleAfter while a worker had free slots) loses nothing
+    # either; CI once saw one such run here. Both are named in the reaper's log.
+    reaper = stack.k("logs", f"deploy/{RELEASE}-reaper", timeout=120).stdout
+    recovered = [line for line in reaper.splitlines() if "nap[" in line and "(delivery" in line]
+    print("recovered runs of this fan-out:", recovered)
+    assert not [line for line in recovered if "; redelivered (delivery" in line], recovered
+    assert got["redelivered"] == len(recovered), (got["redelivered"], recovered)
 
 
 def test_the_users_cpu_heavy_flow_runs_as_a_deployment_in_a_2_cpu_pod_on_the_large_node(stack: Stack) -> None:

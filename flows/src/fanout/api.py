@@ -263,6 +263,7 @@ def fan_out_iter(
         in_flight: dict[UUID, tuple[int, int]] = {}  # run -> (start, stop)
         missing: dict[UUID, bool] = {}  # runs a read did not return
         stored: dict[UUID, str] = {}  # run -> its parameters' key, deleted once its result is read
+        unreadable: dict[UUID, float] = {}  # Completed runs whose result could not be read yet: since
         remover = Remover()
         states: Counter[str] = Counter()
         done = failed = 0
@@ -326,8 +327,19 @@ def fan_out_iter(
                     if not run.state.is_final():
                         states[run.state.name] += 1
                         continue
+                    value = _read_result(run)
+                    if isinstance(value, _Unreadable) and run.state.is_completed() and run.state.name != "RolledBack":
+                        # Prefect sets Completed before it writes the result (the write
+                        # commits the run's transaction; prefect.task_engine): a reader can
+                        # come too early, and longer so while the storage rides out an
+                        # outage. Read it again. (RolledBack: the write failed for good.)
+                        first = unreadable.setdefault(run.id, time.monotonic())
+                        if time.monotonic() - first < settings.RESULT_PATIENCE:
+                            states["Completed, result not stored yet"] += 1
+                            continue
+                    unreadable.pop(run.id, None)
                     start, stop = in_flight.pop(run.id)
-                    outcomes = _outcomes(run, start, stop)
+                    outcomes = _outcomes(run, start, stop, value)
                     # Read: its parameters and result are of no more use to anyone.
                     remover.add([stored.pop(run.id, None), result_key(run.state)])
                     for outcome in outcomes:
@@ -428,15 +440,31 @@ def _read_runs(client: Any, ids: list[UUID]) -> list[TaskRun]:
     return runs
 
 
-def _outcomes(run: TaskRun, start: int, stop: int) -> list[ItemOutcome]:
-    """Each item of a finished chunk run: its result, or why it has none."""
+@dataclass
+class _Unreadable:
+    """Why a finished run's result could not be read."""
+
+    error: Exception
+
+
+def _read_result(run: TaskRun) -> Any:
+    """A finished run's result (a failed run's exception), or _Unreadable."""
     assert run.state is not None
     try:
         # _sync: this runs in a plain thread even under an async flow (afan_out), where
         # Prefect's dispatch would hand back a coroutine.
-        value = run.state.result(raise_on_failure=False, _sync=True)  # type: ignore[call-arg]
-    except Exception as exc:  # noqa: BLE001 - an unreadable result fails its items
-        value = exc
+        return run.state.result(raise_on_failure=False, _sync=True)  # type: ignore[call-arg]
+    except Exception as exc:  # noqa: BLE001 - an unreadable result fails its items, in the end
+        return _Unreadable(exc)
+
+
+def _outcomes(run: TaskRun, start: int, stop: int, value: Any = None) -> list[ItemOutcome]:
+    """Each item of a finished chunk run: its result, or why it has none (`value`: what
+    _read_result gave, read here when not given)."""
+    assert run.state is not None
+    value = _read_result(run) if value is None else value
+    if isinstance(value, _Unreadable):
+        value = value.error
     if isinstance(value, ChunkFailed):
         return [
             ItemOutcome(i, True, value=value.results[i])

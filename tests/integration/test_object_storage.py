@@ -108,16 +108,18 @@ def test_the_fan_out_api_over_the_bucket(stack: ObjectStack, workers: list[Proc]
     assert local_files(stack) == []
 
 
-def test_an_object_server_killed_mid_run_loses_nothing(stack: ObjectStack, workers: list[Proc]) -> None:
-    """The object server is killed (-9) while runs read parameters and write results, and
-    comes back 5 s later: every item completes once (boto3's retries, see
-    fanout.storage.OBJECT_STORE_RETRIES, ride out the gap; without them a run whose
-    parameters could not be read is deleted by the worker and reported failed)."""
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["kill-9", "sigterm"])
+def test_an_object_server_stopped_mid_run_loses_nothing(stack: ObjectStack, workers: list[Proc], sig: int) -> None:
+    """The object server is killed (-9), or stopped as Kubernetes stops a pod (SIGTERM),
+    while runs read parameters and write results, and comes back 5 s later: every item
+    completes once (boto3's retries, see fanout.storage.OBJECT_STORE_RETRIES, ride out the
+    gap; without them a run whose parameters could not be read is deleted by the worker
+    and reported failed)."""
     workers += [user_worker(stack) for _ in range(2)]
     proc = submit(stack, "userwork.bulk", "slow_shout_all(60, chunk_size=1)")
     wait_until(lambda: sum(status(w)["finished"] for w in workers) >= 8, 120, "the fan-out under way")
     assert stack.object_server is not None
-    stack.object_server.signal(signal.SIGKILL)
+    stack.object_server.signal(sig)
     stack.object_server.popen.wait(10)
     time.sleep(5)
     stack.start_object_server()

@@ -12,7 +12,7 @@ from prefect.client.schemas.objects import TaskRun
 from prefect.states import Completed, Crashed, Failed
 
 from fanout import settings
-from fanout.api import FanOutFailed, FanOutResult, ItemOutcome, _outcomes, auto_chunk_size, validate
+from fanout.api import FanOutFailed, FanOutResult, ItemOutcome, _outcomes, _read_result, auto_chunk_size, validate
 from fanout.chunks import ChunkFailed, chunk_key, chunk_task
 from fanout_demo.tasks import heavy_batch, process_item
 
@@ -111,14 +111,18 @@ def run_in(state, name: str = "double[0:3]") -> TaskRun:
     return TaskRun(id=uuid.uuid4(), name=name, task_key="k", dynamic_key="d", state=state)
 
 
+def outcomes(run: TaskRun, start: int, stop: int) -> list[ItemOutcome]:
+    return _outcomes(run, start, stop, _read_result(run))
+
+
 def test_every_item_of_a_finished_chunk_gets_one_outcome() -> None:
-    done = _outcomes(run_in(Completed(data={0: "a", 1: "b", 2: "c"})), 0, 3)
+    done = outcomes(run_in(Completed(data={0: "a", 1: "b", 2: "c"})), 0, 3)
     assert done == [ItemOutcome(0, True, "a"), ItemOutcome(1, True, "b"), ItemOutcome(2, True, "c")]
 
-    partial = _outcomes(run_in(Failed(data=ChunkFailed({10: "x"}, {11: "ValueError: no"}))), 10, 12)
+    partial = outcomes(run_in(Failed(data=ChunkFailed({10: "x"}, {11: "ValueError: no"}))), 10, 12)
     assert partial == [ItemOutcome(10, True, "x"), ItemOutcome(11, False, error="ValueError: no")]
 
-    crashed = _outcomes(run_in(Crashed(data=RuntimeError("worker died"))), 0, 2)
+    crashed = outcomes(run_in(Crashed(data=RuntimeError("worker died"))), 0, 2)
     assert [o.ok for o in crashed] == [False, False]
     assert crashed[0].error == "task run double[0:3] Crashed: RuntimeError: worker died"
 

@@ -120,7 +120,6 @@ class _Stats:
     task_runs: int = 0
     submit_seconds: float = 0.0
     redelivered: int = 0
-    storage_deleted: int = 0  # parameters and results deleted once read
 
 
 def auto_chunk_size(items: int | None, slots: int) -> int:
@@ -263,7 +262,7 @@ def fan_out_iter(
         in_flight: dict[UUID, tuple[int, int]] = {}  # run -> (start, stop)
         missing: dict[UUID, bool] = {}  # runs a read did not return
         stored: dict[UUID, str] = {}  # run -> its parameters' key, deleted once its result is read
-        unreadable: dict[UUID, float] = {}  # Completed runs whose result could not be read yet: since
+        unreadable: dict[UUID, float] = {}  # Completed run -> when its result first could not be read
         remover = Remover()
         states: Counter[str] = Counter()
         done = failed = 0
@@ -372,7 +371,6 @@ def fan_out_iter(
                     interval = min(1.0, interval * 1.5)
         finally:
             remover.flush()
-            stats.storage_deleted = remover.deleted
             bar.update(done, failed, states, force=True)
             bar.close()
             stats.redelivered = _redelivered(tag)
@@ -458,11 +456,10 @@ def _read_result(run: TaskRun) -> Any:
         return _Unreadable(exc)
 
 
-def _outcomes(run: TaskRun, start: int, stop: int, value: Any = None) -> list[ItemOutcome]:
+def _outcomes(run: TaskRun, start: int, stop: int, value: Any) -> list[ItemOutcome]:
     """Each item of a finished chunk run: its result, or why it has none (`value`: what
-    _read_result gave, read here when not given)."""
+    _read_result gave)."""
     assert run.state is not None
-    value = _read_result(run) if value is None else value
     if isinstance(value, _Unreadable):
         value = value.error
     if isinstance(value, ChunkFailed):

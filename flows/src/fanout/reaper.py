@@ -349,9 +349,11 @@ def main(argv: list[str] | None = None) -> None:
             if args.storage_ttl and time.monotonic() >= next_storage_sweep:
                 next_storage_sweep = time.monotonic() + args.storage_sweep_every
                 try:
-                    files, size = retention.sweep(ttl := args.storage_ttl)
+                    files, size = retention.sweep(args.storage_ttl)
                     if files:
-                        log.info("storage: deleted %d objects (%d bytes) older than %.0fs", files, size, ttl)
+                        log.info(
+                            "storage: deleted %d objects (%d bytes) older than %.0fs", files, size, args.storage_ttl
+                        )
                 except Exception as exc:  # noqa: BLE001 - storage away: the next sweep tries again
                     log.warning("storage sweep failed: %s", exc)
             try:

@@ -77,11 +77,12 @@ browser: ## Headless Chromium and its driver for the UI e2e test (Debian's chrom
 	  echo "error: chromium $$browser and chromedriver $$driver differ: upgrade both (apt-get install chromium chromium-driver)" >&2; exit 1; fi; \
 	echo "browser: chromium + chromedriver $$browser"
 
+E2E_ENV = KIND=$(KIND) KUBECTL=$(KUBECTL) HELM=$(HELM) CLUSTER_NAME=$(CLUSTER_NAME) FANOUT_RUNTIME_IMAGE=$(RUNTIME_IMAGE)
+
 .PHONY: e2e
 e2e: install cluster keda images browser ## The whole stack on a local kind cluster: tools, cluster, KEDA, images, load, chart e2e tests
 	$(KIND) load docker-image --name $(CLUSTER_NAME) $(RUNTIME_IMAGE) $(POSTGRES_IMAGE) $(VERSITYGW_IMAGE)
-	cd tests && KIND=$(KIND) KUBECTL=$(KUBECTL) HELM=$(HELM) CLUSTER_NAME=$(CLUSTER_NAME) \
-	  FANOUT_RUNTIME_IMAGE=$(RUNTIME_IMAGE) $(PY) -m pytest -v $(or $(E2E_ARGS),e2e)
+	cd tests && $(E2E_ENV) $(PY) -m pytest -v $(or $(E2E_ARGS),e2e)
 
 # --- benchmark ---------------------------------------------------------------------
 
@@ -96,6 +97,11 @@ bench: install ## Benchmark our fan-out against Dask, Celery+Redis and a process
 	if [ -n "$$nodes" ]; then echo "bench: pausing the $(CLUSTER_NAME) kind cluster while measuring"; \
 	  docker pause $$nodes >/dev/null; trap 'docker unpause '"$$(echo $$nodes)"' >/dev/null' EXIT; fi; \
 	cd tests/bench && $(PY) bench.py --out $(CURDIR)/.bench $(BENCH_ARGS)
+
+.PHONY: bench-kind
+bench-kind: install cluster images ## Benchmark storage on kind: 10k items on the bundled object store against hostPath (.bench/)
+	$(KIND) load docker-image --name $(CLUSTER_NAME) $(RUNTIME_IMAGE) $(POSTGRES_IMAGE) $(VERSITYGW_IMAGE)
+	cd tests && $(E2E_ENV) $(PY) bench/kind_storage.py --out $(CURDIR)/.bench $(BENCH_ARGS)
 
 .PHONY: clean
 clean: ## Remove the virtualenv and caches

@@ -655,6 +655,8 @@ def test_the_bundled_object_store_serves_every_pod_over_s3_from_one_rwo_claim(re
     assert c["securityContext"]["readOnlyRootFilesystem"] is True
     assert env_of(c)["ROOT_SECRET_ACCESS_KEY"] == {"secretKeyRef": {"name": name, "key": "AWS_SECRET_ACCESS_KEY"}}
     assert c["readinessProbe"] != c["livenessProbe"]
+    # a replaced pod serves on until every node stops sending it new connections
+    assert c["lifecycle"]["preStop"]["exec"]["command"][0] == "sleep"
     keys = docs.get("Secret", name)["data"]
     assert set(keys) == {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
     assert docs.get("Service", name)["spec"]["ports"][0]["port"] == 7070

@@ -52,14 +52,8 @@ def test_the_object_store_serves_pods_on_both_nodes_and_accounts_for_every_item_
     (store,) = stack.ready_pods(f"app.kubernetes.io/component=object-store,app.kubernetes.io/instance={RELEASE}")
     stack.k("delete", "pod", store, "--wait=false")
     summary = stack.wait_fanout(job)
-    # Every item accounted for exactly once: its result, or a failure naming why. Known
-    # defect (see the README): while the object server's pod is replaced, a few runs end
-    # Completed with a result that never reaches the bucket (2-3% of these 200 on kind; not
-    # seen with the server process killed or stopped locally); they are reported, not lost.
-    done = [r["item"] for r in summary["results"]]
-    failed = {int(i): why for i, why in summary["failed"].items()}
-    assert sorted(done + list(failed)) == list(range(200)), "each item exactly once"
-    assert all("HeadObject" in why or "NoSuchKey" in why for why in failed.values()), failed
-    assert len(failed) <= 20, failed
-    print("object-store restart: items failed (result not stored):", len(failed))
+    # Nothing lost, nothing failed: the old pod serves on for a few seconds after it is
+    # marked for deletion (preStop), and a connection that hangs on it anyway gives up
+    # after seconds, not boto3's default minute (fanout.storage.OBJECT_STORE_TIMEOUTS).
+    _items_exactly_once(summary, 200)
     eventually(lambda: len(stack.ready_pods("app.kubernetes.io/component=object-store")) == 1, timeout=120)

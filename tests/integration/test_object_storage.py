@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import boto3
+import httpx
 import pytest
 from conftest import USERCODE, finish, status, submit
 
@@ -87,6 +88,10 @@ def local_files(stack: LocalStack) -> list[Path]:
     return [f for p in places if p.exists() for f in p.rglob("*") if f.is_file()]
 
 
+def parameters(stack: ObjectStack) -> list[str]:
+    return [k for k in stack.objects() if k.startswith("parameters/")]
+
+
 def test_plain_prefect_tasks_keep_parameters_and_results_in_the_bucket(stack: ObjectStack, workers: list[Proc]) -> None:
     workers += [user_worker(stack) for _ in range(2)]
     before = len(stack.objects())
@@ -94,8 +99,10 @@ def test_plain_prefect_tasks_keep_parameters_and_results_in_the_bucket(stack: Ob
         got = finish(submit(stack, "userwork.tasks", call), 180)
         assert [r["item"] for r in got] == list(range(20))
         assert all(r["value"] == r["item"] ** 2 for r in got)
-    # each run's parameters and result, at least
-    assert len(stack.objects()) >= before + 2 * 20 * 2, stack.objects()[:5]
+    # Each run's result stays (the user reads it through Prefect's future; the time-to-live
+    # sweep bounds it); its parameters are deleted by the worker once the run is final.
+    assert len(stack.objects()) >= before + 2 * 20, stack.objects()[:5]
+    wait_until(lambda: not parameters(stack), 30, "the runs' parameters deleted")
     assert local_files(stack) == []
 
 
@@ -162,10 +169,49 @@ def test_the_reapers_time_to_live_sweep_removes_what_a_killed_parent_left(
 
     wait_until(settled, 120, "the orphaned runs finished")
     left = set(stack.objects()) - before
-    assert [k for k in left if "parameters/" in k], sorted(left)[:5]  # (it collected a few first)
+    assert left, "the orphaned runs' results stay"  # (their parameters went when each run finished)
     sweeper = stack.start_reaper(interval=1.0, stale_after=6.0, storage_ttl=5, storage_sweep_every=2)
     try:
         wait_until(lambda: not set(stack.objects()) & left, 90, "the sweep deleted them")
     finally:
         sweeper.stop()
     assert "older than 5s" in sweeper.output(), sweeper.output()[-2000:]
+
+
+def test_a_finished_run_offered_again_is_skipped_not_deleted(stack: ObjectStack, workers: list[Proc]) -> None:
+    """A finished run whose parameters are gone is offered again (as after a dropped
+    ack): the worker skips it; Prefect's own worker would fail to read the parameters and
+    delete the run. The run stays Completed, ran once, and the worker keeps serving."""
+    w = user_worker(stack, limit=1)
+    workers.append(w)
+    proc = submit(stack, "userwork.tasks", "sync_fanout(1, sleep=8)")
+    wait_until(lambda: status(w)["running"] == 1, 120, "worker busy")
+    with httpx.Client(base_url=stack.api_url, timeout=30) as c:
+
+        def running() -> list[dict]:  # states reach the database up to a second later
+            found = c.post("/task_runs/filter", json={"task_runs": {"state": {"type": {"any_": ["RUNNING"]}}}}).json()
+            return [r for r in found if r["name"].startswith("square")]
+
+        wait_until(lambda: running(), 30, "the run's Running state recorded")
+        (run,) = running()
+        states = c.get("/task_run_states/", params={"task_run_id": run["id"]}).json()
+        params_id = next(
+            s["state_details"]["task_parameters_id"] for s in states if s["state_details"].get("task_parameters_id")
+        )
+        # Queued again while it runs on the only slot: the copy reaches the worker once the
+        # run is Completed; by then its parameters are gone, as when its worker deleted them.
+        again = {"type": "SCHEDULED", "name": "Scheduled",
+                 "state_details": {"deferred": True, "task_parameters_id": params_id}}  # fmt: skip
+        resp = c.post(f"/task_runs/{run['id']}/set_state", json={"state": again, "force": True})
+        assert resp.json()["status"] == "ACCEPT", resp.text
+        s3 = boto3.client("s3", endpoint_url=stack.endpoint, region_name="us-east-1", **_boto_keys())
+        s3.delete_object(Bucket=BUCKET, Key=f"parameters/{params_id}")
+        assert finish(proc, 120)[0]["value"] == 0
+        try:
+            wait_until(lambda: "offered again after it finished (Completed); skipped" in w.output(), 60, "the skip")
+        except TimeoutError:
+            raise AssertionError(w.output()[-5000:]) from None
+        after = c.get(f"/task_runs/{run['id']}")
+        assert after.status_code == 200, "the run was deleted"
+        assert after.json()["state"]["type"] == "COMPLETED" and after.json()["run_count"] == 1, after.json()
+    assert finish(submit(stack, "userwork.tasks", "sync_fanout(3)"), 120)[2]["value"] == 4  # still serving

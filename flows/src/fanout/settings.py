@@ -40,6 +40,7 @@ MAX_AUTO_TASK_RUNS = 100  # automatic chunking: at most this many task runs per 
 RUNS_PER_SLOT = 1  # ...and about this many per live worker slot (see fanout.api.auto_chunk_size)
 STREAM_CHUNK_SIZE = 100  # items per task run when the number of items is not known up front
 ITER_MAX_IN_FLIGHT = 1000  # fan_out_iter: task runs submitted and not yet finished, at most
+PARAMETERS_RETRY_AFTER = 5.0  # seconds before a worker reads a run's unreadable parameters once more
 RESULT_PATIENCE = 180.0  # seconds a Completed run's result may stay unreadable (being written; storage away)
 MAX_PARAMETER_BYTES = 1 << 20  # one task run's parameters, at most (FANOUT_MAX_PARAMETER_BYTES)
 

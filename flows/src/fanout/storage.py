@@ -78,6 +78,12 @@ def prefect_storage_env() -> dict[str, str]:
 # botocore's retry settings (its documented environment variables): standard mode retries
 # connection errors and throttling with capped exponential backoff and jitter.
 OBJECT_STORE_RETRIES = {"AWS_RETRY_MODE": "standard", "AWS_MAX_ATTEMPTS": "10"}
+# botocore's timeouts, in the saved block (botocore reads them from no environment
+# variable). Its defaults are 60 s each: a pooled connection to an object server whose pod
+# went away (its address gone, so no reset comes back) held a result's write for a minute
+# per attempt, long enough for the reader to give up. Seconds without a byte, not the
+# length of a transfer.
+OBJECT_STORE_TIMEOUTS = {"connect_timeout": 5, "read_timeout": 20}
 
 
 def ensure_s3_bucket(bucket: str, endpoint_url: str = "", wait: float = 180) -> bool:
@@ -118,7 +124,7 @@ def save_s3_block(block: str, bucket: str, folder: str = "", endpoint_url: str =
     from prefect_aws import AwsCredentials, S3Bucket
     from prefect_aws.client_parameters import AwsClientParameters
 
-    params = AwsClientParameters(endpoint_url=endpoint_url) if endpoint_url else AwsClientParameters()
+    params = AwsClientParameters(endpoint_url=endpoint_url or None, config=OBJECT_STORE_TIMEOUTS)
     S3Bucket(bucket_name=bucket, bucket_folder=folder, credentials=AwsCredentials(aws_client_parameters=params)).save(
         block, overwrite=True
     )

@@ -43,7 +43,12 @@ from prefect.client.schemas.objects import TaskRun
 from prefect.client.subscriptions import Subscription
 from prefect.context import AsyncClientContext, SyncClientContext
 from prefect.results import aresolve_result_storage
-from prefect.settings import get_current_settings
+from prefect.settings import (
+    PREFECT_TASKS_SCHEDULING_DELETE_FAILED_SUBMISSIONS,
+    get_current_settings,
+    temporary_settings,
+)
+from prefect.states import Failed
 from prefect.task_worker import TaskWorker
 from prefect.variables import Variable
 
@@ -54,6 +59,8 @@ from fanout.internals import set_task_key, without_settings
 from fanout.liveness import Heartbeat, variable_name
 from fanout.metrics import CONTENT_TYPE, WorkerMetrics
 from fanout.processpool import close_process_pools, warm_engine, warm_process_pool
+from fanout.retention import Remover, parameters_key
+from fanout.storage import storage_setting
 
 log = logging.getLogger("fanout.worker")
 
@@ -94,6 +101,8 @@ class FanoutWorker(TaskWorker):
         self._free_since: float | None = None
         self._taken: dict[str, tuple[str, float]] = {}  # run id -> (run name, monotonic start)
         self.metrics = WorkerMetrics(pool, limit, lambda: len(self.in_flight()))
+        self._spent: list[str] = []  # parameters of runs that finished here, to delete
+        self._remover = Remover()
 
     def handle_sigterm(self, signum: int, frame: object) -> None:  # overrides Prefect's exit-at-once
         if self.stopping:
@@ -171,16 +180,64 @@ class FanoutWorker(TaskWorker):
                 await asyncio.sleep(0.5)
 
     async def _run_taken(self, run: TaskRun) -> None:
-        """Run an acked run, remembering it (for `/status`) while it runs."""
+        """Run an acked run, remembering it (for `/status`) while it runs; once it is
+        final, its parameters are deleted from storage (no one reads them again)."""
         start = time.monotonic()
         self._taken[str(run.id)] = (run.name, start)
+        offered = run.state
+        params_id = offered.state_details.task_parameters_id if offered else None
         try:
             await self._safe_submit_scheduled_task_run(run)
+            if offered is not None and run.state is offered:
+                await self._not_started(run, offered)
         finally:
             self._taken.pop(str(run.id), None)
             # The engine sets its final state on the run it was handed (the same object).
-            final = run.state.type.value.lower() if run.state and run.state.is_final() else "unfinished"
-            self.metrics.finished(run.task_key, final, time.monotonic() - start)
+            final = run.state is not offered and run.state is not None and run.state.is_final()
+            self.metrics.finished(run.task_key, run.state.type.value.lower() if final else "unfinished",
+                                  time.monotonic() - start)  # fmt: skip
+            if final and params_id:
+                self._spent.append(parameters_key(params_id))
+
+    async def _not_started(self, run: TaskRun, offered: Any) -> None:
+        """Prefect did not start a run it was offered: its parameters could not be read
+        (Prefect's worker would delete the run; ours runs with that switched off).
+
+        A run that is final was offered again (the server re-queues a run whose ack it
+        had not read; its parameters were deleted when it finished): skip it. Its final
+        state may still be on its way to the database (states are recorded from events),
+        and the storage may be coming back: look again after a pause, read the parameters
+        once more, and only then fail the run with the reason, so that whoever waits on
+        it hears why (not forced: a run that finished meanwhile stays as it is).
+        """
+        for look in range(2):
+            current = await self._client.read_task_run(run.id)
+            if current.state is not None and current.state.is_final():
+                log.info("%s %s: offered again after it finished (%s); skipped", run.name, run.id, current.state.name)
+                return
+            if look == 0:
+                await asyncio.sleep(settings.PARAMETERS_RETRY_AFTER)
+        await self._safe_submit_scheduled_task_run(run)
+        if run.state is not offered:
+            return
+        why = (
+            f"the task worker could not read this run's parameters from {storage_setting()} "
+            "(deleted, or the storage unreachable: see the worker's log)"
+        )
+        result = await self._client.set_task_run_state(run.id, Failed(message=why))
+        log.error("%s %s: %s; marked Failed (%s)", run.name, run.id, why, result.status.value)
+
+    async def delete_spent_loop(self, interval: float = 2.0) -> None:
+        """Delete the parameters of finished runs, in batches, until cancelled."""
+        while True:
+            await asyncio.sleep(interval)
+            await self.delete_spent()
+
+    async def delete_spent(self) -> None:
+        if self._spent:
+            keys, self._spent = self._spent, []
+            self._remover.add(keys)
+            await asyncio.to_thread(self._remover.flush)  # never raises: the sweep takes what it leaves
 
     def in_flight(self) -> set[str]:
         return {str(run) for runs in self.in_flight_task_runs.values() for run in runs}
@@ -374,13 +431,18 @@ async def run(args: argparse.Namespace, tasks: list[Task[..., Any]]) -> None:
         # loads the CA bundle into a fresh SSL context: ~70 ms of CPU apiece, most of the
         # worker's per-run cost (measured with cProfile). The sync client is shared by
         # the threads that run tasks, as Prefect's ThreadPoolTaskRunner shares a flow's.
-        with SyncClientContext():
+        # A run whose parameters cannot be read is not deleted (Prefect's default) but
+        # skipped when it is final, else failed with the reason (FanoutWorker._not_started).
+        with temporary_settings({PREFECT_TASKS_SCHEDULING_DELETE_FAILED_SUBMISSIONS: False}), SyncClientContext():
             async with AsyncClientContext():
                 beat = asyncio.create_task(worker.heartbeat_loop(args.heartbeat))
+                spent = asyncio.create_task(worker.delete_spent_loop())
                 try:
                     await worker.astart()  # returns once drained
                 finally:
                     beat.cancel()
+                    spent.cancel()
+                    await worker.delete_spent()
                     await worker.clear_heartbeat()
     finally:
         ticker.cancel()

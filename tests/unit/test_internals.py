@@ -171,3 +171,33 @@ def test_an_unserved_task_key_is_explained() -> None:
     nobody = unserved_reason("square-aaa", {"cube-ccc"})
     assert nobody is not None and "live workers serve: cube-ccc" in nobody and "--tasks module:square" in nobody
     assert "no live worker" in (unserved_reason("square-aaa", set()) or "")
+
+
+def test_future_result_reads_retry_through_the_constants_we_raise() -> None:
+    import prefect.states
+
+    code = prefect.states._get_state_result_data_with_retries.__code__
+    assert {"RESULT_READ_MAXIMUM_ATTEMPTS", "RESULT_READ_RETRY_DELAY"} <= set(code.co_names)
+    internals.install()
+    assert prefect.states.RESULT_READ_MAXIMUM_ATTEMPTS * prefect.states.RESULT_READ_RETRY_DELAY >= 180
+
+
+def test_a_result_written_late_is_still_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Completed state whose result cannot be read for its first 30 attempts (Prefect
+    alone gives up after 10): the read returns it."""
+    import prefect.states
+
+    internals.install()
+    monkeypatch.setattr(prefect.states, "RESULT_READ_RETRY_DELAY", 0)
+    reads = []
+
+    class LateData:
+        async def get(self) -> int:
+            reads.append(1)
+            if len(reads) <= 30:
+                raise FileNotFoundError("not written yet")
+            return 7
+
+    state = Completed(data=LateData())
+    assert asyncio.run(prefect.states._get_state_result_data_with_retries(state)) == 7
+    assert len(reads) == 31

@@ -35,6 +35,13 @@ worker starts. What it fixes, each measured on prefect 3.8.8 and checked again o
    `ContextSubmitter` submits with a context serialised once per flow run, without
    settings (`without_settings`), and this process's environment (see
    `fanout.processpool`).
+5. **A Completed run's result read too early.** Prefect sets a task run Completed before
+   it writes the result (the write commits the run's transaction), and a future reads the
+   result as soon as it sees the state, retrying for 2.5 s (10 x 0.25 s). A result whose
+   write waits out an object store that restarts (boto3's retries, `fanout.storage`) takes
+   longer: `.result()` raised a storage error for a run that completed. The retries cover
+   `settings.RESULT_PATIENCE` (what `fanout.fan_out` waits too), every 0.5 s; a result that
+   really is missing raises after that time instead of at once.
 """
 
 from __future__ import annotations
@@ -56,13 +63,28 @@ POLL_PAGE = 200
 
 
 def install() -> None:
-    """Install both fixes into this process's Prefect (once)."""
+    """Install the fixes into this process's Prefect (once)."""
     if _INSTALLED.is_set():
         return
     _install_waiter_poll()
     _install_connect_retry()
     _install_prompt_heartbeats()
+    _install_result_patience()
     _INSTALLED.set()
+
+
+RESULT_READ_EVERY = 0.5  # seconds between reads of a Completed run's result not there yet
+
+
+def _install_result_patience() -> None:
+    import prefect.states
+
+    from fanout.settings import RESULT_PATIENCE
+
+    prefect.states.RESULT_READ_RETRY_DELAY = RESULT_READ_EVERY
+    prefect.states.RESULT_READ_MAXIMUM_ATTEMPTS = max(
+        prefect.states.RESULT_READ_MAXIMUM_ATTEMPTS, int(RESULT_PATIENCE / RESULT_READ_EVERY)
+    )
 
 
 def without_settings(context: dict[str, Any]) -> dict[str, Any]:

@@ -88,10 +88,6 @@ def local_files(stack: LocalStack) -> list[Path]:
     return [f for p in places if p.exists() for f in p.rglob("*") if f.is_file()]
 
 
-def parameters(stack: ObjectStack) -> list[str]:
-    return [k for k in stack.objects() if k.startswith("parameters/")]
-
-
 def test_plain_prefect_tasks_keep_parameters_and_results_in_the_bucket(stack: ObjectStack, workers: list[Proc]) -> None:
     workers += [user_worker(stack) for _ in range(2)]
     before = len(stack.objects())
@@ -99,10 +95,8 @@ def test_plain_prefect_tasks_keep_parameters_and_results_in_the_bucket(stack: Ob
         got = finish(submit(stack, "userwork.tasks", call), 180)
         assert [r["item"] for r in got] == list(range(20))
         assert all(r["value"] == r["item"] ** 2 for r in got)
-    # Each run's result stays (the user reads it through Prefect's future; the time-to-live
-    # sweep bounds it); its parameters are deleted by the worker once the run is final.
-    assert len(stack.objects()) >= before + 2 * 20, stack.objects()[:5]
-    wait_until(lambda: not parameters(stack), 30, "the runs' parameters deleted")
+    # each run's parameters and result, at least (the time-to-live sweep bounds them)
+    assert len(stack.objects()) >= before + 2 * 20 * 2, stack.objects()[:5]
     assert local_files(stack) == []
 
 
@@ -169,7 +163,7 @@ def test_the_reapers_time_to_live_sweep_removes_what_a_killed_parent_left(
 
     wait_until(settled, 120, "the orphaned runs finished")
     left = set(stack.objects()) - before
-    assert left, "the orphaned runs' results stay"  # (their parameters went when each run finished)
+    assert [k for k in left if "parameters/" in k], sorted(left)[:5]  # (it collected a few first)
     sweeper = stack.start_reaper(interval=1.0, stale_after=6.0, storage_ttl=5, storage_sweep_every=2)
     try:
         wait_until(lambda: not set(stack.objects()) & left, 90, "the sweep deleted them")
@@ -199,7 +193,7 @@ def test_a_finished_run_offered_again_is_skipped_not_deleted(stack: ObjectStack,
             s["state_details"]["task_parameters_id"] for s in states if s["state_details"].get("task_parameters_id")
         )
         # Queued again while it runs on the only slot: the copy reaches the worker once the
-        # run is Completed; by then its parameters are gone, as when its worker deleted them.
+        # run is Completed; by then its parameters are gone (deleted, as by the sweep).
         again = {"type": "SCHEDULED", "name": "Scheduled",
                  "state_details": {"deferred": True, "task_parameters_id": params_id}}  # fmt: skip
         resp = c.post(f"/task_runs/{run['id']}/set_state", json={"state": again, "force": True})

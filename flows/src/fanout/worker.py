@@ -59,7 +59,6 @@ from fanout.internals import set_task_key, without_settings
 from fanout.liveness import Heartbeat, variable_name
 from fanout.metrics import CONTENT_TYPE, WorkerMetrics
 from fanout.processpool import close_process_pools, warm_engine, warm_process_pool
-from fanout.retention import Remover, parameters_key
 from fanout.storage import storage_setting
 
 log = logging.getLogger("fanout.worker")
@@ -101,8 +100,6 @@ class FanoutWorker(TaskWorker):
         self._free_since: float | None = None
         self._taken: dict[str, tuple[str, float]] = {}  # run id -> (run name, monotonic start)
         self.metrics = WorkerMetrics(pool, limit, lambda: len(self.in_flight()))
-        self._spent: list[str] = []  # parameters of runs that finished here, to delete
-        self._remover = Remover()
 
     def handle_sigterm(self, signum: int, frame: object) -> None:  # overrides Prefect's exit-at-once
         if self.stopping:
@@ -180,24 +177,23 @@ class FanoutWorker(TaskWorker):
                 await asyncio.sleep(0.5)
 
     async def _run_taken(self, run: TaskRun) -> None:
-        """Run an acked run, remembering it (for `/status`) while it runs; once it is
-        final, its parameters are deleted from storage (no one reads them again)."""
+        """Run an acked run, remembering it (for `/status`) while it runs."""
         start = time.monotonic()
         self._taken[str(run.id)] = (run.name, start)
         offered = run.state
-        params_id = offered.state_details.task_parameters_id if offered else None
         try:
             await self._safe_submit_scheduled_task_run(run)
             if offered is not None and run.state is offered:
-                await self._not_started(run, offered)
+                try:
+                    await self._not_started(run, offered)
+                except Exception as exc:  # noqa: BLE001 - the server away: the reaper takes the run
+                    log.warning("%s %s: not started, and its state not read: %s", run.name, run.id, exc)
         finally:
             self._taken.pop(str(run.id), None)
             # The engine sets its final state on the run it was handed (the same object).
             final = run.state is not offered and run.state is not None and run.state.is_final()
             self.metrics.finished(run.task_key, run.state.type.value.lower() if final else "unfinished",
                                   time.monotonic() - start)  # fmt: skip
-            if final and params_id:
-                self._spent.append(parameters_key(params_id))
 
     async def _not_started(self, run: TaskRun, offered: Any) -> None:
         """Prefect did not start a run it was offered: its parameters could not be read
@@ -226,18 +222,6 @@ class FanoutWorker(TaskWorker):
         )
         result = await self._client.set_task_run_state(run.id, Failed(message=why))
         log.error("%s %s: %s; marked Failed (%s)", run.name, run.id, why, result.status.value)
-
-    async def delete_spent_loop(self, interval: float = 2.0) -> None:
-        """Delete the parameters of finished runs, in batches, until cancelled."""
-        while True:
-            await asyncio.sleep(interval)
-            await self.delete_spent()
-
-    async def delete_spent(self) -> None:
-        if self._spent:
-            keys, self._spent = self._spent, []
-            self._remover.add(keys)
-            await asyncio.to_thread(self._remover.flush)  # never raises: the sweep takes what it leaves
 
     def in_flight(self) -> set[str]:
         return {str(run) for runs in self.in_flight_task_runs.values() for run in runs}
@@ -436,13 +420,10 @@ async def run(args: argparse.Namespace, tasks: list[Task[..., Any]]) -> None:
         with temporary_settings({PREFECT_TASKS_SCHEDULING_DELETE_FAILED_SUBMISSIONS: False}), SyncClientContext():
             async with AsyncClientContext():
                 beat = asyncio.create_task(worker.heartbeat_loop(args.heartbeat))
-                spent = asyncio.create_task(worker.delete_spent_loop())
                 try:
                     await worker.astart()  # returns once drained
                 finally:
                     beat.cancel()
-                    spent.cancel()
-                    await worker.delete_spent()
                     await worker.clear_heartbeat()
     finally:
         ticker.cancel()

@@ -54,6 +54,6 @@ def test_the_object_store_serves_pods_on_both_nodes_and_accounts_for_every_item_
     summary = stack.wait_fanout(job)
     # Nothing lost, nothing failed: the old pod serves on for a few seconds after it is
     # marked for deletion (preStop), and a connection that hangs on it anyway gives up
-    # after seconds, not boto3's default minute (fanout.storage.OBJECT_STORE_TIMEOUTS).
+    # after seconds, not boto3's default minute (fanout.settings.OBJECT_STORE_TIMEOUTS).
     _items_exactly_once(summary, 200)
     eventually(lambda: len(stack.ready_pods("app.kubernetes.io/component=object-store")) == 1, timeout=120)

@@ -113,7 +113,7 @@ def test_the_fan_out_api_over_the_bucket(stack: ObjectStack, workers: list[Proc]
 def test_an_object_server_stopped_mid_run_loses_nothing(stack: ObjectStack, workers: list[Proc], sig: int) -> None:
     """The object server is killed (-9), or stopped as Kubernetes stops a pod (SIGTERM),
     while runs read parameters and write results, and comes back 5 s later: every item
-    completes once (boto3's retries, see fanout.storage.OBJECT_STORE_RETRIES, ride out the
+    completes once (boto3's retries, see fanout.settings.OBJECT_STORE_RETRIES, ride out the
     gap; without them a run whose parameters could not be read is deleted by the worker
     and reported failed)."""
     workers += [user_worker(stack) for _ in range(2)]

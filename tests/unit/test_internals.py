@@ -11,6 +11,7 @@ import inspect
 import time
 import uuid
 
+import prefect._internal.compatibility.async_dispatch
 import prefect.flow_engine
 import pytest
 from prefect.client.base import PrefectHttpxAsyncClient, PrefectHttpxSyncClient
@@ -201,3 +202,25 @@ def test_a_result_written_late_is_still_read(monkeypatch: pytest.MonkeyPatch) ->
     state = Completed(data=LateData())
     assert asyncio.run(prefect.states._get_state_result_data_with_retries(state)) == 7
     assert len(reads) == 31
+
+
+def test_sync_result_is_synchronous_inside_a_running_event_loop() -> None:
+    """`fanout.api` reads results from a plain thread under an async flow: Prefect's
+    dispatch, which looks at the running loop, would hand back a coroutine there."""
+    from prefect.states import Failed
+
+    async def scenario() -> tuple[object, object]:
+        # A running loop in this thread: the case the private `_sync` switch covers.
+        return internals.sync_result(Completed(data=7)), internals.sync_result(Failed(message="bad"))
+
+    value, failure = asyncio.run(scenario())
+    assert value == 7
+    assert not inspect.isawaitable(failure) and isinstance(failure, Exception)
+
+
+def test_block_load_still_takes_the_sync_switch() -> None:
+    from prefect.blocks.core import Block
+
+    source = inspect.getsource(prefect._internal.compatibility.async_dispatch.async_dispatch)
+    assert 'kwargs.pop("_sync"' in source, "async_dispatch no longer takes _sync: update fanout.internals.load_block"
+    assert hasattr(Block.load, "aio"), "Block.load is no longer dual sync/async: fanout.internals.load_block"

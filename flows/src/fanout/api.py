@@ -53,6 +53,7 @@ from prefect.variables import Variable
 
 from fanout import settings
 from fanout.chunks import ChunkFailed, chunk_task, describe, function_of
+from fanout.internals import sync_result
 from fanout.liveness import ledger_name, read_heartbeats, unserved_reason
 from fanout.retention import Remover, parameters_key, result_key
 from fanout.submit import create_runs
@@ -449,9 +450,8 @@ def _read_result(run: TaskRun) -> Any:
     """A finished run's result (a failed run's exception), or _Unreadable."""
     assert run.state is not None
     try:
-        # _sync: this runs in a plain thread even under an async flow (afan_out), where
-        # Prefect's dispatch would hand back a coroutine.
-        return run.state.result(raise_on_failure=False, _sync=True)  # type: ignore[call-arg]
+        # Synchronously: this runs in a plain thread even under an async flow (afan_out).
+        return sync_result(run.state)
     except Exception as exc:  # noqa: BLE001 - an unreadable result fails its items, in the end
         return _Unreadable(exc)
 

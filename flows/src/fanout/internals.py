@@ -42,6 +42,11 @@ worker starts. What it fixes, each measured on prefect 3.8.8 and checked again o
    longer: `.result()` raised a storage error for a run that completed. The retries cover
    `settings.RESULT_PATIENCE` (what `fanout.fan_out` waits too), every 0.5 s; a result that
    really is missing raises after that time instead of at once.
+
+Also here, so that no other module touches a private name: `sync_result` and
+`load_block`, which call Prefect's dual sync/async methods with its private `_sync`
+switch (from a plain thread under an async flow, where the dispatch would otherwise
+hand back a coroutine).
 """
 
 from __future__ import annotations
@@ -280,3 +285,14 @@ class ContextSubmitter:
         return PrefectConcurrentFuture(
             task_run_id=task_run_id, wrapped_future=_UnpicklingFuture(_ChainedFuture(resolution))
         )
+
+
+def sync_result(state: Any) -> Any:
+    """`state.result(raise_on_failure=False)`, synchronously from any thread: a failed
+    run's exception is returned, not raised."""
+    return state.result(raise_on_failure=False, _sync=True)
+
+
+def load_block(block_class: Any, name: str) -> Any:
+    """`block_class.load(name)`, synchronously from any thread."""
+    return block_class.load(name, _sync=True)

@@ -112,7 +112,9 @@ def backend(setting: str | None = None) -> Backend | None:
         return None
     from prefect_aws import S3Bucket
 
-    return Bucket(S3Bucket.load(name, _sync=True))  # type: ignore[call-arg]
+    from fanout.internals import load_block
+
+    return Bucket(load_block(S3Bucket, name))
 
 
 def parameters_key(parameters_id: UUID | str) -> str:

@@ -44,6 +44,18 @@ PARAMETERS_RETRY_AFTER = 5.0  # seconds before a worker reads a run's unreadable
 RESULT_PATIENCE = 180.0  # seconds a Completed run's result may stay unreadable (being written; storage away)
 MAX_PARAMETER_BYTES = 1 << 20  # one task run's parameters, at most (FANOUT_MAX_PARAMETER_BYTES)
 
+# -- object storage (FANOUT_STORAGE=s3-bucket/<block>; fanout.storage) --------------------
+# botocore's retry settings (its documented environment variables, set in every process):
+# standard mode retries connection errors and throttling with capped exponential backoff
+# and jitter, riding out ~30 s of an object store away instead of 3 attempts in ~2 s.
+OBJECT_STORE_RETRIES = {"AWS_RETRY_MODE": "standard", "AWS_MAX_ATTEMPTS": "10"}
+# botocore's timeouts, in the saved block (botocore reads them from no environment
+# variable). Its defaults are 60 s each: a pooled connection to an object server whose pod
+# went away (its address gone, so no reset comes back) held a result's write for a minute
+# per attempt, long enough for the reader to give up. Seconds without a byte, not the
+# length of a transfer.
+OBJECT_STORE_TIMEOUTS = {"connect_timeout": 5, "read_timeout": 20}
+
 # -- the Prefect server (the chart's `server.settings` defaults; a chart test keeps them
 # equal): task-run states and events written to the database in batches, and a
 # connection pool big enough that the server does not open a PostgreSQL connection per

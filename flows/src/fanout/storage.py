@@ -23,6 +23,8 @@ import os
 import time
 from pathlib import Path
 
+from fanout import settings
+
 ENV = "FANOUT_STORAGE"
 DEFAULT_DIR = Path.home() / ".fanout" / "storage"
 
@@ -71,19 +73,8 @@ def prefect_storage_env() -> dict[str, str]:
         # worker that cannot read a run's parameters deletes the run (Prefect's
         # TaskWorker). boto3's own retries ride out ~30 s of connection errors instead
         # of its default 3 attempts in ~2 s.
-        **OBJECT_STORE_RETRIES,
+        **settings.OBJECT_STORE_RETRIES,
     }
-
-
-# botocore's retry settings (its documented environment variables): standard mode retries
-# connection errors and throttling with capped exponential backoff and jitter.
-OBJECT_STORE_RETRIES = {"AWS_RETRY_MODE": "standard", "AWS_MAX_ATTEMPTS": "10"}
-# botocore's timeouts, in the saved block (botocore reads them from no environment
-# variable). Its defaults are 60 s each: a pooled connection to an object server whose pod
-# went away (its address gone, so no reset comes back) held a result's write for a minute
-# per attempt, long enough for the reader to give up. Seconds without a byte, not the
-# length of a transfer.
-OBJECT_STORE_TIMEOUTS = {"connect_timeout": 5, "read_timeout": 20}
 
 
 def ensure_s3_bucket(bucket: str, endpoint_url: str = "", wait: float = 180) -> bool:
@@ -124,7 +115,7 @@ def save_s3_block(block: str, bucket: str, folder: str = "", endpoint_url: str =
     from prefect_aws import AwsCredentials, S3Bucket
     from prefect_aws.client_parameters import AwsClientParameters
 
-    params = AwsClientParameters(endpoint_url=endpoint_url or None, config=OBJECT_STORE_TIMEOUTS)
+    params = AwsClientParameters(endpoint_url=endpoint_url or None, config=settings.OBJECT_STORE_TIMEOUTS)
     S3Bucket(bucket_name=bucket, bucket_folder=folder, credentials=AwsCredentials(aws_client_parameters=params)).save(
         block, overwrite=True
     )

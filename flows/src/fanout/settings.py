@@ -38,11 +38,6 @@ WAIT_POLL_SECONDS = 2.0  # futures also poll their runs' states this often (FANO
 UNSERVED_PATIENCE = 60.0  # seconds before a fan-out whose task no live worker serves is told so
 MAX_AUTO_TASK_RUNS = 100  # automatic chunking: at most this many task runs per fan-out...
 RUNS_PER_SLOT = 1  # ...and about this many per live worker slot (see fanout.api.auto_chunk_size)
-# A fan-out of at most this many task runs takes its runs' outcomes from their terminal
-# events as they happen (fanout.api). A larger one is bound by the server's cost per run
-# and gains nothing from it; listening to every run's event may add to that cost (one
-# run of 1,000 unchunked runs: 31 runs/s with events, 36 without; within the noise).
-EVENTS_MAX_RUNS = 100
 STREAM_CHUNK_SIZE = 100  # items per task run when the number of items is not known up front
 ITER_MAX_IN_FLIGHT = 1000  # fan_out_iter: task runs submitted and not yet finished, at most
 PARAMETERS_RETRY_AFTER = 5.0  # seconds before a worker reads a run's unreadable parameters once more

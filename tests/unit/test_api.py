@@ -6,11 +6,13 @@ from __future__ import annotations
 import asyncio
 import pickle
 import uuid
+from typing import Any
 
 import pytest
 from prefect.client.schemas.objects import TaskRun
 from prefect.states import Completed, Crashed, Failed
 
+import fanout.api
 from fanout import settings
 from fanout.api import FanOutFailed, FanOutResult, ItemOutcome, _outcomes, _read_result, auto_chunk_size, validate
 from fanout.chunks import ChunkFailed, chunk_key, chunk_task
@@ -147,3 +149,12 @@ def test_a_fan_out_never_makes_more_runs_than_the_server_queues_per_task():
 
     queue = int(SERVER_SETTINGS["PREFECT_SERVER_TASKS_SCHEDULING_MAX_SCHEDULED_QUEUE_SIZE"])
     assert queue >= MAX_TASK_RUNS
+
+
+def test_a_fan_out_that_cannot_watch_events_reads_every_state_from_the_api(monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_websocket(ids: list[Any]) -> dict[Any, Any]:
+        raise OSError("no events websocket")
+
+    monkeypatch.setattr(fanout.api, "final_states_seen", no_websocket)
+    watch = fanout.api._events_watched()
+    assert watch is fanout.api._no_events and watch([uuid.uuid4()]) == {}

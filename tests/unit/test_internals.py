@@ -224,3 +224,20 @@ def test_block_load_still_takes_the_sync_switch() -> None:
     source = inspect.getsource(prefect._internal.compatibility.async_dispatch.async_dispatch)
     assert 'kwargs.pop("_sync"' in source, "async_dispatch no longer takes _sync: update fanout.internals.load_block"
     assert hasattr(Block.load, "aio"), "Block.load is no longer dual sync/async: fanout.internals.load_block"
+
+
+def test_final_states_seen_are_the_waiters_observed_states(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`fanout.api` takes a run's outcome from the state its terminal event brought: the
+    one Prefect's waiter keeps for its futures (fix 1 puts polled states there too)."""
+    waiter = TaskRunWaiter()
+    monkeypatch.setattr(TaskRunWaiter, "instance", classmethod(lambda cls: waiter))
+    seen, other, unseen = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+
+    async def scenario() -> None:
+        internals._observe(waiter, seen, Completed(data=1))
+        internals._observe(waiter, other, Completed(data=2))
+
+    asyncio.run(scenario())
+    found = internals.final_states_seen([seen, unseen])
+    assert set(found) == {seen}
+    assert found[seen].is_completed()

@@ -23,6 +23,9 @@ Items are any picklable values. What it does for you:
   submitting or waiting is ridden out; a function whose code differs between you and the
   workers is named after a minute instead of waited on.
 - **Fast submission**: runs are created many at a time over one client (`fanout.submit`).
+- **Prompt outcomes**: a run's outcome is taken from its terminal event as it happens
+  (the server writes states to its database in batches, up to a second later); the API
+  is read too, every 0.2-1 s, for the events this process missed.
 - **Progress**: a log line every few seconds, and a bar when stderr is a terminal.
 
 Works inside a flow (sync, or `afan_out` from an async one) and outside any flow.
@@ -53,7 +56,7 @@ from prefect.variables import Variable
 
 from fanout import settings
 from fanout.chunks import ChunkFailed, chunk_task, describe, function_of
-from fanout.internals import sync_result
+from fanout.internals import final_states_seen, sync_result
 from fanout.liveness import ledger_name, read_heartbeats, unserved_reason
 from fanout.retention import Remover, parameters_key, result_key
 from fanout.submit import create_runs
@@ -272,6 +275,36 @@ def fan_out_iter(
         exhausted = False
         submit_error = ""
         interval = 0.2
+        runs_in_flight: dict[UUID, TaskRun] = {}  # as created, for the runs whose final state an event gave
+        events = _events_watched()
+
+        def finish(run: TaskRun) -> list[ItemOutcome] | None:
+            """The outcomes of a run in flight whose state is final (the run is then
+            done with), or None while it is not, or its result is not readable yet."""
+            nonlocal interval
+            if run.state is None or run.id not in in_flight:
+                return None
+            if not run.state.is_final():
+                states[run.state.name] += 1
+                return None
+            value = _read_result(run)
+            if isinstance(value, _Unreadable) and run.state.is_completed() and run.state.name != "RolledBack":
+                # Prefect sets Completed before it writes the result (the write
+                # commits the run's transaction; prefect.task_engine): a reader can
+                # come too early, and longer so while the storage rides out an
+                # outage. Read it again. (RolledBack: the write failed for good.)
+                first = unreadable.setdefault(run.id, time.monotonic())
+                if time.monotonic() - first < settings.RESULT_PATIENCE:
+                    states["Completed, result not stored yet"] += 1
+                    return None
+            unreadable.pop(run.id, None)
+            start, stop = in_flight.pop(run.id)
+            runs_in_flight.pop(run.id, None)
+            # Read: its parameters and result are of no more use to anyone.
+            remover.add([stored.pop(run.id, None), result_key(run.state)])
+            interval = 0.2
+            return _outcomes(run, start, stop, value)
+
         try:
             while True:
                 # 1. fill the window: read more items, create their task runs
@@ -294,6 +327,7 @@ def fan_out_iter(
                             submit_error = describe(run)
                         else:
                             in_flight[run.id] = (start, start + len(batch))
+                            runs_in_flight[run.id] = run
                             if run.state and run.state.state_details.task_parameters_id:
                                 stored[run.id] = parameters_key(run.state.state_details.task_parameters_id)
                             stats.task_runs += 1
@@ -317,42 +351,23 @@ def fan_out_iter(
                     for run_id in [r for r in in_flight if r not in found]:
                         if missing.get(run_id):
                             start, stop = in_flight.pop(run_id)
+                            runs_in_flight.pop(run_id, None)
                             for i in range(start, stop):
                                 done, failed = done + 1, failed + 1
                                 yield ItemOutcome(i, False, error=f"task run {run_id} was deleted before it finished")
                         missing[run_id] = True
                 for run in runs:
-                    if run.state is None or run.id not in in_flight:
-                        continue
-                    if not run.state.is_final():
-                        states[run.state.name] += 1
-                        continue
-                    value = _read_result(run)
-                    if isinstance(value, _Unreadable) and run.state.is_completed() and run.state.name != "RolledBack":
-                        # Prefect sets Completed before it writes the result (the write
-                        # commits the run's transaction; prefect.task_engine): a reader can
-                        # come too early, and longer so while the storage rides out an
-                        # outage. Read it again. (RolledBack: the write failed for good.)
-                        first = unreadable.setdefault(run.id, time.monotonic())
-                        if time.monotonic() - first < settings.RESULT_PATIENCE:
-                            states["Completed, result not stored yet"] += 1
-                            continue
-                    unreadable.pop(run.id, None)
-                    start, stop = in_flight.pop(run.id)
-                    outcomes = _outcomes(run, start, stop, value)
-                    # Read: its parameters and result are of no more use to anyone.
-                    remover.add([stored.pop(run.id, None), result_key(run.state)])
-                    for outcome in outcomes:
+                    for outcome in finish(run) or ():
                         done += 1
                         failed += not outcome.ok
                         yield outcome
-                    interval = 0.2
                 remover.flush()
                 # 3. a function no live worker serves with this code is named, not waited on
                 if not unserved_checked and in_flight and time.monotonic() - started > settings.UNSERVED_PATIENCE:
                     unserved_checked = True
                     for run_id, reason in _unserved(client, task.task_key, runs, log, name).items():
                         start, stop = in_flight.pop(run_id)
+                        runs_in_flight.pop(run_id, None)
                         for i in range(start, stop):
                             done, failed = done + 1, failed + 1
                             yield ItemOutcome(i, False, error=reason)
@@ -367,9 +382,26 @@ def fan_out_iter(
                     for i, _ in enumerate(source, next_index):
                         yield ItemOutcome(i, False, error="timed out before it was submitted")
                     break
-                if in_flight or pending:
-                    time.sleep(interval)
-                    interval = min(1.0, interval * 1.5)
+                if not (in_flight or pending):
+                    continue
+                # 4. until the next read: the runs whose final state arrived as an event are
+                # done at once (the server records states in batches, up to a second later)
+                wake = time.monotonic() + interval
+                interval = min(1.0, interval * 1.5)
+                step = EVENT_CHECK_SECONDS if events is not _no_events else 1.0
+                while True:
+                    finished = False
+                    for run_id, state in events(list(in_flight)).items() if in_flight else ():
+                        for outcome in finish(runs_in_flight[run_id].model_copy(update={"state": state})) or ():
+                            done, failed, finished = done + 1, failed + (not outcome.ok), True
+                            yield outcome
+                    if finished:
+                        remover.flush()
+                        bar.update(done, failed, states)
+                    left = wake - time.monotonic()
+                    if left <= 0 or not (in_flight or pending):
+                        break
+                    time.sleep(min(step, left))
         finally:
             remover.flush()
             bar.update(done, failed, states, force=True)
@@ -429,6 +461,24 @@ async def afan_out(
 
 
 # -- helpers ----------------------------------------------------------------------------
+
+
+EVENT_CHECK_SECONDS = 0.05  # how often a waiting fan-out looks at the final states events brought
+
+
+def _no_events(ids: list[UUID]) -> dict[UUID, Any]:
+    return {}
+
+
+def _events_watched() -> Callable[[list[UUID]], dict[UUID, Any]]:
+    """`final_states_seen`, once this process listens to task-run events; if it cannot
+    (no events websocket), nothing: the fan-out then learns every state from the API."""
+    try:
+        final_states_seen([])
+    except Exception as exc:  # noqa: BLE001 - the API reads alone still account for every run
+        _logger().debug("not watching task-run events: %s", exc)
+        return _no_events
+    return final_states_seen
 
 
 def _read_runs(client: Any, ids: list[UUID]) -> list[TaskRun]:

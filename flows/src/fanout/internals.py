@@ -43,7 +43,11 @@ worker starts. What it fixes, each measured on prefect 3.8.8 and checked again o
    `settings.RESULT_PATIENCE` (what `fanout.fan_out` waits too), every 0.5 s; a result that
    really is missing raises after that time instead of at once.
 
-Also here, so that no other module touches a private name: `sync_result` and
+Also here, so that no other module touches a private name: `final_states_seen`, the
+terminal states this process's `TaskRunWaiter` has received on the events websocket (the
+fan-out API takes its runs' outcomes from there as soon as they happen, instead of
+waiting for the server's batched task-run recorder to write them, up to a second later),
+and `sync_result` and
 `load_block`, which call Prefect's dual sync/async methods with its private `_sync`
 switch (from a plain thread under an async flow, where the dispatch would otherwise
 hand back a coroutine).
@@ -56,7 +60,7 @@ import contextvars
 import logging
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -296,3 +300,15 @@ def sync_result(state: Any) -> Any:
 def load_block(block_class: Any, name: str) -> Any:
     """`block_class.load(name)`, synchronously from any thread."""
     return block_class.load(name, _sync=True)
+
+
+def final_states_seen(ids: Iterable[uuid.UUID]) -> dict[uuid.UUID, Any]:
+    """The terminal states, among the task runs `ids`, that this process's TaskRunWaiter
+    has received as events (it starts listening on the first call). Events can be missed
+    (see fix 1): a caller must keep reading the API too."""
+    from prefect.task_runs import TaskRunWaiter
+
+    waiter = TaskRunWaiter.instance()
+    with waiter._observed_completed_task_runs_lock:
+        seen = waiter._observed_completed_task_runs
+        return {i: seen[i] for i in ids if i in seen}

@@ -23,9 +23,10 @@ Items are any picklable values. What it does for you:
   submitting or waiting is ridden out; a function whose code differs between you and the
   workers is named after a minute instead of waited on.
 - **Fast submission**: runs are created many at a time over one client (`fanout.submit`).
-- **Prompt outcomes**: a run's outcome is taken from its terminal event as it happens
-  (the server writes states to its database in batches, up to a second later); the API
-  is read too, every 0.2-1 s, for the events this process missed.
+- **Prompt outcomes**: in a fan-out of at most `settings.EVENTS_MAX_RUNS` task runs, a
+  run's outcome is taken from its terminal event as it happens (the server writes states
+  to its database in batches, up to a second later); the API is read too, every 0.2-1 s,
+  for the events this process missed (and alone, for larger fan-outs).
 - **Progress**: a log line every few seconds, and a bar when stderr is a terminal.
 
 Works inside a flow (sync, or `afan_out` from an async one) and outside any flow.
@@ -276,7 +277,8 @@ def fan_out_iter(
         submit_error = ""
         interval = 0.2
         runs_in_flight: dict[UUID, TaskRun] = {}  # as created, for the runs whose final state an event gave
-        events = _events_watched()
+        runs_expected = math.ceil(total / size) if total else None
+        events = _events_watched() if runs_expected and runs_expected <= settings.EVENTS_MAX_RUNS else _no_events
 
         def finish(run: TaskRun) -> list[ItemOutcome] | None:
             """The outcomes of a run in flight whose state is final (the run is then

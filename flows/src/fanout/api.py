@@ -277,6 +277,8 @@ def fan_out_iter(
         submit_error = ""
         interval = 0.2
         runs_in_flight: dict[UUID, TaskRun] = {}  # as created, for the runs whose final state an event gave
+        unsettled: set[UUID] = set()  # runs finished by an event that the API has not shown final yet
+        timed_out = False
         runs_expected = math.ceil(total / size) if total else None
         events = _events_watched() if runs_expected and runs_expected <= settings.EVENTS_MAX_RUNS else _no_events
 
@@ -340,7 +342,7 @@ def fan_out_iter(
                 # 2. read the states of the runs in flight; yield the items of finished ones
                 states = Counter()
                 try:
-                    runs = _read_runs(client, list(in_flight))
+                    runs = _read_runs(client, [*in_flight, *unsettled])
                 except Exception as exc:  # noqa: BLE001 - server restarting: keep waiting, the deadline bounds it
                     runs = []
                     states["unreachable"] = len(in_flight)
@@ -359,6 +361,8 @@ def fan_out_iter(
                                 yield ItemOutcome(i, False, error=f"task run {run_id} was deleted before it finished")
                         missing[run_id] = True
                 for run in runs:
+                    if run.state is not None and run.state.is_final():
+                        unsettled.discard(run.id)
                     for outcome in finish(run) or ():
                         done += 1
                         failed += not outcome.ok
@@ -383,6 +387,7 @@ def fan_out_iter(
                             yield ItemOutcome(i, False, error=f"timed out; not submitted: {submit_error}")
                     for i, _ in enumerate(source, next_index):
                         yield ItemOutcome(i, False, error="timed out before it was submitted")
+                    timed_out = True
                     break
                 if not (in_flight or pending):
                     continue
@@ -394,6 +399,7 @@ def fan_out_iter(
                 while True:
                     finished = False
                     for run_id, state in events(list(in_flight)).items() if in_flight else ():
+                        unsettled.add(run_id)
                         for outcome in finish(runs_in_flight[run_id].model_copy(update={"state": state})) or ():
                             done, failed, finished = done + 1, failed + (not outcome.ok), True
                             yield outcome
@@ -404,6 +410,8 @@ def fan_out_iter(
                     if left <= 0 or not (in_flight or pending):
                         break
                     time.sleep(min(step, left))
+            if unsettled and not timed_out:
+                _settle(client, unsettled, log, name)
         finally:
             remover.flush()
             bar.update(done, failed, states, force=True)
@@ -466,6 +474,7 @@ async def afan_out(
 
 
 EVENT_CHECK_SECONDS = 0.05  # how often a waiting fan-out looks at the final states events brought
+SETTLE_CHECK_SECONDS = 0.1  # how often it reads the API for runs an event finished (see _settle)
 
 
 def _no_events(ids: list[UUID]) -> dict[UUID, Any]:
@@ -481,6 +490,28 @@ def _events_watched() -> Callable[[list[UUID]], dict[UUID, Any]]:
         _logger().debug("not watching task-run events: %s", exc)
         return _no_events
     return final_states_seen
+
+
+def _settle(
+    client: Any, ids: set[UUID], log: logging.Logger | logging.LoggerAdapter[logging.Logger], name: str
+) -> None:
+    """Wait, at most settings.SETTLE_SECONDS, until the API shows the runs `ids` final
+    (their outcomes came from events; the server's recorder writes states in batches),
+    so that the Prefect UI shows what the fan-out returned. A run the API no longer
+    has (deleted) is settled too."""
+    left = set(ids)
+    until = time.monotonic() + settings.SETTLE_SECONDS
+    while left and time.monotonic() < until:
+        time.sleep(SETTLE_CHECK_SECONDS)
+        try:
+            runs = _read_runs(client, list(left))
+        except Exception:  # noqa: BLE001 - server restarting: bounded by `until`
+            continue
+        seen = {r.id for r in runs}
+        left -= {r.id for r in runs if r.state is not None and r.state.is_final()} | (left - seen)
+    if left:
+        log.info("%s: %d task runs not shown final by the API after %.0f s; returning", name, len(left),
+                 settings.SETTLE_SECONDS)  # fmt: skip
 
 
 def _read_runs(client: Any, ids: list[UUID]) -> list[TaskRun]:

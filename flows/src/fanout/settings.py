@@ -21,6 +21,10 @@ def _env_float(name: str, default: float) -> float:
 WORKER_LIMIT = 10  # task runs at once per worker (FANOUT_WORKER_LIMIT)
 HEARTBEAT_SECONDS = 5.0  # between worker heartbeats (FANOUT_HEARTBEAT_SECONDS)
 LOOP_STALL_SECONDS = 60.0  # /livez fails once the worker's event loop has not turned this long
+# A run offered while every slot is busy waits un-acked this long for a slot; then the
+# worker hands it back (another worker with a free slot takes it at once) and subscribes
+# again once a slot frees. Prefect's protocol offers the next run as soon as one is acked.
+HOLD_OFFER_SECONDS = 0.25
 
 # -- the reaper (`python -m fanout.reaper`) ---------------------------------------------
 REAPER_INTERVAL = 10.0  # seconds between sweeps
@@ -42,6 +46,10 @@ RUNS_PER_SLOT = 1  # ...and about this many per live worker slot (see fanout.api
 # events as they happen (fanout.api); a larger one is bound by the server's cost per run,
 # and listening to every run's event cost the server ~4 ms more per run (1,000 unchunked).
 EVENTS_MAX_RUNS = 100
+# Such a fan-out then waits, at most this long, until the API shows those runs final too
+# (the Prefect UI reads it; the server's recorder writes states in batches): what it
+# returns and what the UI shows agree. Past it, it returns and logs which runs lag.
+SETTLE_SECONDS = 10.0
 STREAM_CHUNK_SIZE = 100  # items per task run when the number of items is not known up front
 ITER_MAX_IN_FLIGHT = 1000  # fan_out_iter: task runs submitted and not yet finished, at most
 PARAMETERS_RETRY_AFTER = 5.0  # seconds before a worker reads a run's unreadable parameters once more

@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -225,6 +226,29 @@ def test_a_run_offered_twice_runs_once_and_the_worker_keeps_serving(stack: Local
     assert_squares(run_user_flow(stack, "sync_fanout(5)", 120), 5)  # still serving
     with api(stack) as c:
         assert c.get(f"/task_runs/{run['id']}").json()["run_count"] == 1  # ran once
+
+
+def test_a_full_worker_hands_an_offer_back_to_a_worker_with_a_free_slot(stack: LocalStack, workers: list[Proc]) -> None:
+    """The server offers the next run to a worker whose every slot is busy; the worker
+    hands it back instead of holding it, so a worker that subscribes later runs it at
+    once, while the first run still runs (Prefect's own worker would keep it queued)."""
+    first = user_worker(stack, limit=1)
+    workers.append(first)
+    since = datetime.now(UTC).isoformat()
+    proc = run_user_flow(stack, "sync_fanout(2, sleep=20)", 0, wait=False)
+    wait_until(lambda: status(first)["running"] == 1, 120, "the first worker busy")
+    wait_until(lambda: status(first)["handed_back"] >= 1, 30, "the second run handed back")
+    second = user_worker(stack, limit=1)
+    workers.append(second)
+    wait_until(lambda: status(second)["running"] == 1, 30, "the second worker running the other run")
+    assert status(first)["running"] == 1 and status(first)["finished"] == 0, status(first)
+    out, _ = proc.communicate(timeout=120)
+    assert_squares(result_of(proc.returncode, out, "sync_fanout"), 2)
+    assert status(second)["finished"] == 1, status(second)
+    assert status(first)["connected"], first.output()[-3000:]
+    with api(stack) as c:  # each of the two runs ran once
+        ran = c.post("/task_runs/filter", json={"task_runs": {"start_time": {"after_": since}}}).json()
+    assert sorted((r["name"].split("-")[0], r["run_count"]) for r in ran) == [("square", 1)] * 2, ran
 
 
 def test_the_users_flows_are_registered_as_deployments_the_way_the_chart_does(stack: LocalStack, tmp_path) -> None:

@@ -241,3 +241,22 @@ def test_final_states_seen_are_the_waiters_observed_states(monkeypatch: pytest.M
     found = internals.final_states_seen([seen, unseen])
     assert set(found) == {seen}
     assert found[seen].is_completed()
+
+
+def test_subscription_internals_the_worker_uses() -> None:
+    """The worker connects Prefect's Subscription itself and closes it un-acked to hand an
+    offer back (fanout.internals.subscribe/unsubscribe)."""
+    from prefect.client.schemas.objects import TaskRun
+    from prefect.client.subscriptions import Subscription
+
+    assert inspect.iscoroutinefunction(Subscription._ensure_connected)
+    sub = Subscription(
+        model=TaskRun, path="/task_runs/subscriptions/scheduled", keys=["k"], base_url="http://127.0.0.1:9"
+    )
+    assert sub._websocket is None
+    with pytest.raises(RuntimeError):
+        _ = sub.websocket  # not connected
+    with pytest.raises(OSError):  # what the worker rides out while the server is away
+        asyncio.run(internals.subscribe(sub))
+    assert internals.forget_connection(sub) is None
+    asyncio.run(internals.unsubscribe(sub))  # nothing to close: a no-op

@@ -43,7 +43,9 @@ worker starts. What it fixes, each measured on prefect 3.8.8 and checked again o
    `settings.RESULT_PATIENCE` (what `fanout.fan_out` waits too), every 0.5 s; a result that
    really is missing raises after that time instead of at once.
 
-Also here, so that no other module touches a private name: `final_states_seen`, the
+Also here, so that no other module touches a private name: `subscribe` and
+`unsubscribe`, the worker's own use of Prefect's `Subscription` (connect, and close
+without an ack, which makes the server re-queue the run it offered), `final_states_seen`, the
 terminal states this process's `TaskRunWaiter` has received on the events websocket (the
 fan-out API takes its runs' outcomes from there as soon as they happen, instead of
 waiting for the server's batched task-run recorder to write them, up to a second later),
@@ -63,6 +65,8 @@ import uuid
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
+
+import anyio
 
 log = logging.getLogger("fanout.internals")
 
@@ -312,3 +316,25 @@ def final_states_seen(ids: Iterable[uuid.UUID]) -> dict[uuid.UUID, Any]:
     with waiter._observed_completed_task_runs_lock:
         seen = waiter._observed_completed_task_runs
         return {i: seen[i] for i in ids if i in seen}
+
+
+async def subscribe(sub: Any) -> Any:
+    """`sub`'s websocket, connected (authenticated and subscribed) if it was not."""
+    await sub._ensure_connected()
+    return sub.websocket
+
+
+async def unsubscribe(sub: Any) -> None:
+    """Close `sub`'s websocket, if open; the next `subscribe` connects again. The server
+    re-queues, first in line, a run it offered and whose ack it had not received."""
+    websocket = forget_connection(sub)
+    if websocket is not None:
+        with anyio.move_on_after(2):  # a server that does not answer the close is gone anyway
+            await websocket.close()
+
+
+def forget_connection(sub: Any) -> Any:
+    """Drop `sub`'s websocket without closing it (it failed), and return it; the next
+    `subscribe` connects again."""
+    websocket, sub._websocket = sub._websocket, None
+    return websocket

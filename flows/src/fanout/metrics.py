@@ -60,6 +60,12 @@ class WorkerMetrics:
             buckets=DURATION_BUCKETS,
             registry=self.registry,
         )
+        self.handed_back = PromCounter(
+            "fanout_worker_offers_handed_back",
+            "Runs offered while every slot was busy, handed back to the server for another worker",
+            ["pool"],
+            registry=self.registry,
+        ).labels(pool)
 
     def finished(self, task_key: str, state: str, seconds: float) -> None:
         """Count one finished run (`state`: completed, failed, crashed, ...)."""

@@ -98,6 +98,7 @@ class FanoutWorker(TaskWorker):
         self._intake: anyio.CancelScope | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._free_since: float | None = None
+        self.handed_back = 0  # offers handed back while every slot was busy (see _next_run)
         self._taken: dict[str, tuple[str, float]] = {}  # run id -> (run name, monotonic start)
         self.metrics = WorkerMetrics(pool, limit, lambda: len(self.in_flight()))
 
@@ -132,48 +133,75 @@ class FanoutWorker(TaskWorker):
         log.info("worker %s serving pool %r (limit %d)", self.client_id, self.pool, self.limit)
         with self._intake:
             while not self.stopping:
-                slot = object()
-                await self._limiter.acquire_on_behalf_of(slot)
-                try:
-                    run = await self._receive(sub)
-                finally:
-                    self._limiter.release_on_behalf_of(slot)
-                # Hand the slot just freed to the run (nothing else takes slots meanwhile).
-                try:
-                    self._limiter.acquire_on_behalf_of_nowait(run.id)
-                except RuntimeError:
-                    # This worker already holds that run: the server offered it again
-                    # (it re-queues a run whose ack it had not read when the socket
-                    # dropped, or the reaper requeued it). It is acked; run it once.
-                    log.warning("%s %s: offered again while running it here; skipped", run.name, run.id)
-                    continue
-                self._runs_task_group.start_soon(self._run_taken, run)
+                run = await self._next_run(sub)
+                if run is not None:
+                    self._runs_task_group.start_soon(self._run_taken, run)
         self.connected = False
-        if sub._websocket is not None:
-            await sub._websocket.close()
+        await internals.unsubscribe(sub)
         # Every acked run holds a slot until it is finished. Wait for all of them here:
         # TaskWorker.__aexit__ shuts its thread pool down before it waits for its task
         # group, which would fail a run that was acked but not yet handed to a thread.
         while self._limiter.borrowed_tokens:
             await asyncio.sleep(0.1)
 
-    async def _receive(self, sub: Subscription[TaskRun]) -> TaskRun:
-        """Next run from the server, acked; reconnects while the server is away."""
+    async def _next_run(self, sub: Subscription[TaskRun]) -> TaskRun | None:
+        """The next run, acked, its slot taken; None if there was none to take.
+
+        The server offers the next run as soon as the last one is acked, also to a worker
+        whose slots are all busy. Such an offer waits here, un-acked, for a slot; if none
+        frees within settings.HOLD_OFFER_SECONDS the worker hands it back by closing its
+        subscription (the server re-queues an un-acked run first in line, where a worker
+        with a free slot takes it at once) and subscribes again once a slot is free."""
+        assert self._limiter is not None
+        message = await self._offer(sub)
+        slot = object()
+        with anyio.move_on_after(settings.HOLD_OFFER_SECONDS) as hold:
+            await self._limiter.acquire_on_behalf_of(slot)
+        if hold.cancelled_caught:
+            await internals.unsubscribe(sub)
+            self.handed_back += 1
+            self.metrics.handed_back.inc()
+            log.debug("every slot busy for %.2f s: offer handed back", settings.HOLD_OFFER_SECONDS)
+            await self._limiter.acquire_on_behalf_of(slot)  # subscribe again with a slot free
+            self._limiter.release_on_behalf_of(slot)
+            return None
+        try:
+            # Once acked the run is ours: never let a drain cancel between the ack and
+            # handing the run to the task group.
+            with anyio.CancelScope(shield=True):
+                await sub.websocket.send(orjson.dumps({"type": "ack"}).decode())
+        except (OSError, websockets.exceptions.ConnectionClosed) as exc:
+            # The server re-queues it (or offers it again if the ack did arrive: below).
+            log.warning("lost the server before acking a run (%s); reconnecting", exc)
+            self.connected = False
+            internals.forget_connection(sub)
+            return None
+        finally:
+            self._limiter.release_on_behalf_of(slot)
+        run = TaskRun.model_validate_json(message)
+        # Hand the slot just freed to the run (nothing else takes slots meanwhile).
+        try:
+            self._limiter.acquire_on_behalf_of_nowait(run.id)
+        except RuntimeError:
+            # This worker already holds that run: the server offered it again (it
+            # re-queues a run whose ack it had not read when the socket dropped, or the
+            # reaper requeued it). It is acked; run it once.
+            log.warning("%s %s: offered again while running it here; skipped", run.name, run.id)
+            return None
+        return run
+
+    async def _offer(self, sub: Subscription[TaskRun]) -> str | bytes:
+        """The next offer from the server, not acked yet; reconnects while the server is away."""
         while True:
             try:
-                await sub._ensure_connected()
+                websocket = await internals.subscribe(sub)
                 self.connected = True
-                message = await sub.websocket.recv()
-                # Once acked the run is ours: never let a drain cancel between the ack
-                # and handing the run to the task group.
-                with anyio.CancelScope(shield=True):
-                    await sub.websocket.send(orjson.dumps({"type": "ack"}).decode())
-                return TaskRun.model_validate_json(message)
+                return await websocket.recv()
             except (OSError, websockets.exceptions.ConnectionClosed) as exc:
                 if self.connected:
                     log.warning("lost the server (%s); reconnecting", exc)
                 self.connected = False
-                sub._websocket = None
+                internals.forget_connection(sub)
                 await asyncio.sleep(0.5)
 
     async def _run_taken(self, run: TaskRun) -> None:
@@ -289,6 +317,7 @@ class FanoutWorker(TaskWorker):
             "running": len(self.in_flight()),
             "runs": self.runs(),
             "finished": sum(self.finished_task_runs.values()),
+            "handed_back": self.handed_back,
         }
 
 

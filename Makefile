@@ -93,7 +93,7 @@ bench: install ## Benchmark our fan-out against Dask, Celery+Redis and a process
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null; \
 	  else echo "error: the Celery peer needs redis-server (apt-get install redis-server)" >&2; exit 1; fi; }
 	@# Our kind cluster, if it runs, takes a third of a core: paused while measuring.
-	@nodes=$$(docker ps -q --filter label=io.x-k8s.kind.cluster=$(CLUSTER_NAME) 2>/dev/null); \
+	@nodes=$$(docker ps -q --filter label=io.x-k8s.kind.cluster=$(CLUSTER_NAME) 2>/dev/null || true); \
 	if [ -n "$$nodes" ]; then echo "bench: pausing the $(CLUSTER_NAME) kind cluster while measuring"; \
 	  docker pause $$nodes >/dev/null; trap 'docker unpause '"$$(echo $$nodes)"' >/dev/null' EXIT; fi; \
 	cd tests/bench && $(PY) bench.py --out $(CURDIR)/.bench $(BENCH_ARGS)

@@ -58,8 +58,15 @@ lint: install ## ruff over the Python code
 test-unit: install ## Unit tests (seconds)
 	cd tests && $(PY) -m pytest unit -q
 
+.PHONY: redis
+redis: ## Debian's redis-server (the API-replica integration tests' Redis, the bench's Celery broker)
+	@command -v redis-server >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null; \
+	  else echo "error: the integration tests and make bench need redis-server (apt-get install redis-server)" >&2; exit 1; fi; }
+
 .PHONY: test-integration
-test-integration: install object-server ## Integration tests on a real local Prefect server, worker processes and object server (minutes)
+test-integration: install object-server redis ## Integration tests on a real local Prefect server, worker processes and object server (minutes)
 	cd tests && VERSITYGW=$(BIN_DIR)/versitygw $(PY) -m pytest integration -v
 
 .PHONY: test
@@ -87,11 +94,7 @@ e2e: install cluster keda images browser ## The whole stack on a local kind clus
 # --- benchmark ---------------------------------------------------------------------
 
 .PHONY: bench
-bench: install ## Benchmark our fan-out against Dask, Celery+Redis and a process pool (.bench/: JSON, PNG)
-	@command -v redis-server >/dev/null || { \
-	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null; \
-	  else echo "error: the Celery peer needs redis-server (apt-get install redis-server)" >&2; exit 1; fi; }
+bench: install redis ## Benchmark our fan-out against Dask, Celery+Redis and a process pool (.bench/: JSON, PNG)
 	@# Our kind cluster, if it runs, takes a third of a core: paused while measuring.
 	@nodes=$$(docker ps -q --filter label=io.x-k8s.kind.cluster=$(CLUSTER_NAME) 2>/dev/null || true); \
 	if [ -n "$$nodes" ]; then echo "bench: pausing the $(CLUSTER_NAME) kind cluster while measuring"; \

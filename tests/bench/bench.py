@@ -449,7 +449,8 @@ def report(results: list[Result], extra: dict[str, Any], out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "bench.json").write_text(json.dumps(data, indent=2))
     (out_dir / "bench.txt").write_text(text + "\n")
-    plot(results, out_dir / "bench.png")
+    if results:  # parts such as `replicas` alone have no scenario to plot
+        plot(results, out_dir / "bench.png")
     say(f"wrote {out_dir / 'bench.json'}, {out_dir / 'bench.png'}")
 
 
@@ -484,7 +485,7 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", type=Path, default=Path(".bench"))
     p.add_argument("--quick", action="store_true", help="skip the 10,000-item and scaling runs")
-    parts = ("peers", "chunked", "unchunked", "scaling", "heavy", "user")
+    parts = ("peers", "chunked", "unchunked", "scaling", "heavy", "user", "replicas")
     p.add_argument("--only", default=",".join(parts), help=f"comma-separated parts to run: {', '.join(parts)}")
     args = p.parse_args(argv)
     only = {x.strip() for x in args.only.split(",") if x.strip()}
@@ -552,8 +553,67 @@ def main(argv: list[str] | None = None) -> None:
     finally:
         extra["pools"] = ours.pools
         ours.close()
+    try:
+        if "replicas" in only:
+            say("1,000 unchunked runs through 1 and 2 API processes (two submitters of 500 each)")
+            extra["api_replicas"] = replicas_part(root)
+    finally:
         shutil.rmtree(root, ignore_errors=True)
     report(results, extra, args.out)
+
+
+def replicas_part(root: Path, items: int = 1000) -> dict[str, dict[str, float]]:
+    """Issue 15's benchmark: 1,000 unchunked trivial runs on 2 light workers, submitted by
+    two flows of 500 at once, through: our one `prefect server start` (services in the
+    same process, events in memory); Prefect's HA layout with one API process; and with
+    two, each submitter talking to its own (as pods reach replicas through a Service).
+    Server CPU is every API process plus the services process; Redis is counted apart."""
+    out: dict[str, dict[str, float]] = {}
+    for label, replicas in (("single", 1), ("ha-1-api", 1), ("ha-2-api", 2)):
+        with DemoStack(root / f"replicas-{label}", ui=False, replicas=replicas, ha=label != "single") as stack:
+            out[label] = {"api_processes": replicas, **_two_submitters(stack, label, items)}
+            say(f"  {label}: {out[label]}")
+    return out
+
+
+def _two_submitters(stack: DemoStack, label: str, items: int) -> dict[str, float]:
+    """Two submitters of items/2 unchunked runs at once, one per API replica if there are two."""
+    ws = [stack.start_worker("light", limit=LIGHT_LIMIT, wait=False) for _ in range(2)]
+    for w in ws:
+        stack.wait_healthy(w)
+    urls = stack.api_urls or [stack.api_url]
+    apis = [p.popen.pid for p in stack.procs if p.name.startswith("server")]
+    services = [p.popen.pid for p in stack.procs if p.name == "services"]
+    redis = [p.popen.pid for p in stack.procs if p.name == "redis"]
+    workers = [w.popen.pid for w in ws]
+    before = (cpu_seconds(apis), cpu_seconds(services), cpu_seconds(redis), cpu_seconds(workers))
+    children0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+
+    def submit(i: int) -> dict[str, Any]:
+        path = stack.root / f"submit-{i}.json"
+        args = ["--items", str(items // 2), "--chunk-size", "1", "--json", str(path)]
+        proc = stack.run_module("fanout_demo.flow", args, timeout=1800, PREFECT_API_URL=urls[i % len(urls)])
+        if proc.returncode != 0:
+            raise RuntimeError(f"replicas {label} submitter {i} failed: {proc.stderr[-2000:]}")
+        return json.loads(path.read_text())
+
+    t0 = time.monotonic()
+    with cf.ThreadPoolExecutor(2) as pool:
+        got = list(pool.map(submit, range(2)))
+    seconds = time.monotonic() - t0
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    runs = sum(g["task_runs"] for g in got)
+    api, svc = cpu_seconds(apis) - before[0], cpu_seconds(services) - before[1]
+    cpu = {
+        "server": api + svc,
+        "server_api": api,  # our single server: its services run in this process too
+        "server_services": svc,
+        "redis": cpu_seconds(redis) - before[2],
+        "workers": cpu_seconds(workers) - before[3],
+        "submitters": children.ru_utime + children.ru_stime - children0.ru_utime - children0.ru_stime,
+    }
+    return {"seconds": round(seconds, 2), "task_runs": runs, "runs_per_second": round(runs / seconds, 1),
+            **{f"cpu_ms_per_run_{k}": round(v * 1000 / runs, 1) for k, v in cpu.items()}}  # fmt: skip
 
 
 def heavy_part(ours: Ours, extra: dict[str, Any]) -> None:

@@ -114,11 +114,23 @@ class LocalStack:
         pool_env: Mapping[str, Mapping[str, str]] | None = None,
         storage: str = "",
         env: Mapping[str, str] | None = None,
+        replicas: int = 1,
+        ha: bool | None = None,
     ) -> None:
         """`pools` maps a pool name to the `--tasks` its workers serve (`start_worker(pool)`),
         `pool_env` to extra environment for them. `storage` is every process's
         FANOUT_STORAGE (default: `<root>/storage`; a block slug such as `s3-bucket/x` once
-        that block is saved), `env` more environment for every process (e.g. S3 keys)."""
+        that block is saved), `env` more environment for every process (e.g. S3 keys).
+
+        `ha` (default: `replicas` > 1) starts Prefect's HA layout: `replicas` API
+        processes (`--no-services`) and one services process on PostgreSQL and Redis,
+        migrations run once before them; `api_url` is the first replica's and the workers
+        subscribe to all of them (FANOUT_API_REPLICAS)."""
+        if replicas < 1:
+            raise ValueError(f"replicas must be >= 1, got {replicas}")
+        self.ha = replicas > 1 if ha is None else ha
+        if self.ha and database == "sqlite":
+            raise ValueError("the HA layout (replicas > 1) needs PostgreSQL (database='auto' or 'postgres')")
         if database not in ("auto", "postgres", "sqlite"):
             raise ValueError(f"database must be auto, postgres or sqlite, got {database!r}")
         self.pools = dict(pools or {})
@@ -131,6 +143,9 @@ class LocalStack:
         self.storage = storage or str(self.root / "storage")
         self.extra_env = dict(env or {})
         self.db_url = ""
+        self.replicas = replicas
+        self.redis_url = ""
+        self.api_urls: list[str] = []
         self._cleanup: list[Path] = []
 
     # -- environment ---------------------------------------------------------------
@@ -152,6 +167,8 @@ class LocalStack:
         env.update(self.extra_env)
         if self.api_url:
             env["PREFECT_API_URL"] = self.api_url
+        if self.api_urls:
+            env["FANOUT_API_REPLICAS"] = ",".join(self.api_urls)
         env.update(extra)
         return env
 
@@ -232,35 +249,86 @@ class LocalStack:
         self.db_url = f"sqlite+aiosqlite:///{self.root / 'prefect.db'}"
         return self.db_url
 
+    def _start_redis(self) -> None:
+        """A throwaway Redis on loopback, for the HA layout's events, ordering and leases."""
+        redis = shutil.which("redis-server")
+        if redis is None:
+            raise RuntimeError("the HA layout (replicas > 1) needs redis-server (apt-get install redis-server)")
+        port = free_port()
+        argv = [redis, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+        proc = self.spawn("redis", argv, dict(os.environ), port)
+        wait_until(lambda: "Ready to accept connections" in proc.output(), 30, "redis", proc.popen)
+        self.redis_url = f"redis://127.0.0.1:{port}/0"
+
     # -- server and workers ----------------------------------------------------------
-    def start_server(self, timeout: float = 90, port: int | None = None) -> Proc:
-        """The Prefect server, on its database (created the first time), on `port` (the
-        one a stopped server had, so clients find it again) or else any free one."""
-        if not self.db_url:
-            self._database_url()
-        return self._spawn_server(port or free_port(), timeout)
-
-    def stop_server(self) -> int:
-        """Stop the Prefect server, as a pod deletion would; returns its port, for
-        `start_server(port=...)`. Its database stays."""
-        old = next(p for p in self.procs if p.name == "server")
-        old.stop()
-        self.procs.remove(old)
-        return old.port
-
-    def _spawn_server(self, port: int, timeout: float) -> Proc:
+    def server_env(self, name: str) -> dict[str, str]:
+        """Environment of a Prefect server process (API replica, services, migrations)."""
         env = self.env(
-            "server",
-            **{name: os.environ.get(name, value) for name, value in settings.SERVER_SETTINGS.items()},
+            name,
+            **{key: os.environ.get(key, value) for key, value in settings.SERVER_SETTINGS.items()},
             PREFECT_API_DATABASE_CONNECTION_URL=self.db_url,
             PREFECT_SERVER_LOGGING_LEVEL="WARNING",
             PREFECT_UI_ENABLED="true" if self.ui else "false",
         )
+        if self.redis_url:
+            env.update(settings.ha_server_settings(self.redis_url))
+            env["PREFECT_API_DATABASE_MIGRATE_ON_START"] = "false"  # the migration step did it
         env.pop("PREFECT_API_URL", None)
+        env.pop("FANOUT_API_REPLICAS", None)
+        return env
+
+    def start_server(self, timeout: float = 90, port: int | None = None) -> Proc:
+        """The Prefect server, on its database (created the first time), on `port` (the
+        one a stopped server had, so clients find it again) or else any free one. With
+        the HA layout: Redis, the migrations, the services process and every API replica
+        (the first one is returned)."""
+        if not self.db_url:
+            self._database_url()
+        if not self.ha:
+            return self._spawn_server("server", port or free_port(), timeout)
+        if not self.db_url.startswith("postgresql"):
+            raise RuntimeError("the HA layout (replicas > 1) needs PostgreSQL, which is not installed")
+        self._start_redis()
+        subprocess.run(
+            [sys.executable, "-m", "prefect", "server", "database", "upgrade", "-y"],
+            env=self.server_env("migrations"), check=True, capture_output=True, timeout=300, cwd=self.root,
+        )  # fmt: skip
+        argv = [sys.executable, "-m", "prefect", "server", "services", "start"]
+        self.spawn("services", argv, self.server_env("services"))
+        first = self._spawn_server("server-0", free_port(), timeout, no_services=True)
+        for i in range(1, self.replicas):
+            self._spawn_server(f"server-{i}", free_port(), timeout, no_services=True)
+        self.api_url = self.api_urls[0]
+        return first
+
+    def stop_server(self, name: str = "server", kill: bool = False) -> int:
+        """Stop a Prefect server process (`server`, or the replica `server-<i>`), as a pod
+        deletion would (`kill`: as a forced one, SIGKILL); returns its port, for
+        `start_server(port=...)` or `start_replica`. Its database stays."""
+        old = next(p for p in self.procs if p.name == name)
+        if kill:
+            old.signal(signal.SIGKILL)
+            old.popen.wait()
+        else:
+            old.stop()
+        self.procs.remove(old)
+        return old.port
+
+    def start_replica(self, name: str, port: int, timeout: float = 90) -> Proc:
+        """Start the API replica `name` again on `port`, as its pod's restart would."""
+        return self._spawn_server(name, port, timeout, no_services=True)
+
+    def _spawn_server(self, name: str, port: int, timeout: float, no_services: bool = False) -> Proc:
         argv = [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)]
-        proc = self.spawn("server", argv, env, port)
-        self.api_url = f"http://127.0.0.1:{port}/api"
-        wait_until(lambda: http_ok(f"{self.api_url}/health"), timeout, "prefect server", proc.popen)
+        if no_services:
+            argv.append("--no-services")
+        proc = self.spawn(name, argv, self.server_env(name), port)
+        url = f"http://127.0.0.1:{port}/api"
+        wait_until(lambda: http_ok(f"{url}/health"), timeout, f"prefect server {name}", proc.popen)
+        if name == "server":
+            self.api_url = url
+        elif url not in self.api_urls:
+            self.api_urls.append(url)
         return proc
 
     def start_worker(

@@ -94,6 +94,35 @@ SERVER_SETTINGS = {
 }
 
 
+# -- several API replicas (the chart's `server.replicas` > 1; Prefect's documented HA
+# layout): the replicas and the services process share PostgreSQL and, for events,
+# ordering, leases and periodic services, Redis through `prefect-redis`. `{redis}` is the
+# Redis URL.
+HA_SERVER_SETTINGS = {
+    "PREFECT_MESSAGING_BROKER": "prefect_redis.messaging",
+    "PREFECT_MESSAGING_CACHE": "prefect_redis.messaging",
+    "PREFECT_SERVER_EVENTS_CAUSAL_ORDERING": "prefect_redis.ordering",
+    "PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE": "prefect_redis.lease_storage",
+    "PREFECT_REDIS_MESSAGING_URL": "{redis}",
+    "PREFECT_SERVER_DOCKET_URL": "{redis}",
+    # prefect-redis publishes events in batches of 5 or every 10 s: a run's last events
+    # then reached the recorder and the waiting callers up to 10 s late (a 50-item fan-out
+    # took 10-16 s instead of ~1 s). One XADD per event costs Redis next to nothing.
+    "PREFECT_REDIS_MESSAGING_PUBLISHER_BATCH_SIZE": "1",
+}
+# Workers subscribe to every API replica: each replica keeps the `.delay()` runs created
+# through it in its own memory and offers them only to workers connected to it.
+# FANOUT_API_REPLICAS names them: a comma-separated list of API URLs, or a host name
+# (a headless Service) whose addresses are the replicas, each reached with
+# PREFECT_API_URL's scheme, port and path. Looked up again this often:
+REPLICAS_REFRESH_SECONDS = 5.0
+
+
+def ha_server_settings(redis_url: str) -> dict[str, str]:
+    """HA_SERVER_SETTINGS for the Redis at `redis_url`."""
+    return {k: v.format(redis=redis_url) for k, v in HA_SERVER_SETTINGS.items()}
+
+
 def worker_limit() -> int:
     return int(_env_float("FANOUT_WORKER_LIMIT", WORKER_LIMIT))
 

@@ -28,12 +28,14 @@ import signal
 import sys
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import anyio
+import anyio.abc
 import httpx
 import orjson
 import websockets.exceptions
@@ -59,6 +61,7 @@ from fanout.internals import set_task_key, without_settings
 from fanout.liveness import Heartbeat, variable_name
 from fanout.metrics import CONTENT_TYPE, WorkerMetrics
 from fanout.processpool import close_process_pools, warm_engine, warm_process_pool
+from fanout.replicas import replica_spec, replica_urls
 from fanout.storage import storage_setting
 
 log = logging.getLogger("fanout.worker")
@@ -93,7 +96,9 @@ class FanoutWorker(TaskWorker):
             set_task_key(copy_, task.task_key)
         self._executor = RunThreads(max_workers=limit)
         self.pool = pool
-        self.connected = False
+        self.connections: dict[Any, bool] = {}  # subscription -> connected, one per API replica
+        self.received: Counter[str] = Counter()  # runs taken, per API replica URL
+        self._slot_lock = anyio.Lock()  # see _next_run
         self.loop_tick = time.monotonic()  # last turn of the event loop (/livez)
         self._intake: anyio.CancelScope | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -114,13 +119,6 @@ class FanoutWorker(TaskWorker):
         base_url = get_current_settings().api.url
         if not base_url:
             raise ValueError("PREFECT_API_URL must point at a Prefect server")
-        sub: Subscription[TaskRun] = Subscription(
-            model=TaskRun,
-            path="/task_runs/subscriptions/scheduled",
-            keys=self.task_keys,
-            client_id=self.client_id,
-            base_url=base_url,
-        )
         assert self._limiter is not None and self._runs_task_group is not None
         for t in self.tasks:
             # Resolve result storage once; Prefect would resolve (and build an API
@@ -132,17 +130,63 @@ class FanoutWorker(TaskWorker):
         self._intake = anyio.CancelScope()
         log.info("worker %s serving pool %r (limit %d)", self.client_id, self.pool, self.limit)
         with self._intake:
-            while not self.stopping:
-                run = await self._next_run(sub)
-                if run is not None:
-                    self._runs_task_group.start_soon(self._run_taken, run)
-        self.connected = False
-        await internals.unsubscribe(sub)
+            async with anyio.create_task_group() as intakes:
+                await self._follow_replicas(base_url, intakes)
         # Every acked run holds a slot until it is finished. Wait for all of them here:
         # TaskWorker.__aexit__ shuts its thread pool down before it waits for its task
         # group, which would fail a run that was acked but not yet handed to a thread.
         while self._limiter.borrowed_tokens:
             await asyncio.sleep(0.1)
+
+    async def _follow_replicas(self, base_url: str, intakes: anyio.abc.TaskGroup) -> None:
+        """One intake per API replica (see fanout.replicas), started and stopped as the
+        replicas come and go; looked up every settings.REPLICAS_REFRESH_SECONDS."""
+        spec = replica_spec()
+        scopes: dict[str, anyio.CancelScope] = {}
+        while not self.stopping:
+            try:
+                urls = await asyncio.to_thread(replica_urls, spec, base_url)
+            except OSError as exc:  # DNS away for a while: keep the replicas we know
+                log.warning("API replicas not looked up (%s); keeping %d", exc, len(scopes))
+                urls = list(scopes) or [base_url]
+            for url in [u for u in scopes if u not in urls]:
+                log.info("API replica %s gone: unsubscribing", url)
+                scopes.pop(url).cancel()
+            for url in [u for u in urls if u not in scopes]:
+                if spec:
+                    log.info("subscribing to API replica %s", url)
+                scopes[url] = anyio.CancelScope()
+                intakes.start_soon(self._intake_from, url, scopes[url])
+            if not spec:
+                await anyio.sleep_forever()  # one server: nothing to look up again
+            await asyncio.sleep(settings.REPLICAS_REFRESH_SECONDS)
+
+    async def _intake_from(self, url: str, scope: anyio.CancelScope) -> None:
+        """Take runs from the API replica at `url` until drained or the replica is gone."""
+        assert self._runs_task_group is not None
+        sub: Subscription[TaskRun] = Subscription(
+            model=TaskRun,
+            path="/task_runs/subscriptions/scheduled",
+            keys=self.task_keys,
+            client_id=self.client_id,
+            base_url=url,
+        )
+        try:
+            with scope:
+                while not self.stopping:
+                    run = await self._next_run(sub)
+                    if run is not None:
+                        self.received[url] += 1
+                        self._runs_task_group.start_soon(self._run_taken, run)
+        finally:
+            self.connections.pop(sub, None)
+            with anyio.CancelScope(shield=True):
+                await internals.unsubscribe(sub)
+
+    @property
+    def connected(self) -> bool:
+        """Subscribed to at least one API replica (the readiness probe's condition)."""
+        return any(self.connections.values())
 
     async def _next_run(self, sub: Subscription[TaskRun]) -> TaskRun | None:
         """The next run, acked, its slot taken; None if there was none to take.
@@ -155,52 +199,65 @@ class FanoutWorker(TaskWorker):
         assert self._limiter is not None
         message = await self._offer(sub)
         slot = object()
+        # One intake at a time takes a slot and hands it to its run (several intakes: one
+        # per API replica): a second intake waiting on the limiter would be handed the
+        # slot the first one releases for its run.
         with anyio.move_on_after(settings.HOLD_OFFER_SECONDS) as hold:
-            await self._limiter.acquire_on_behalf_of(slot)
+            await self._slot_lock.acquire()
+            try:
+                await self._limiter.acquire_on_behalf_of(slot)
+            except BaseException:
+                self._slot_lock.release()
+                raise
         if hold.cancelled_caught:
             await internals.unsubscribe(sub)
             self.handed_back += 1
             self.metrics.handed_back.inc()
             log.debug("every slot busy for %.2f s: offer handed back", settings.HOLD_OFFER_SECONDS)
-            await self._limiter.acquire_on_behalf_of(slot)  # subscribe again with a slot free
-            self._limiter.release_on_behalf_of(slot)
+            # Subscribe again once a slot is free; polled, not awaited on the limiter,
+            # where this intake would queue ahead of the one holding the slot lock.
+            while self._limiter.available_tokens < 1:
+                await asyncio.sleep(0.05)
             return None
         try:
-            # Once acked the run is ours: never let a drain cancel between the ack and
-            # handing the run to the task group.
-            with anyio.CancelScope(shield=True):
-                await sub.websocket.send(orjson.dumps({"type": "ack"}).decode())
-        except (OSError, websockets.exceptions.ConnectionClosed) as exc:
-            # The server re-queues it (or offers it again if the ack did arrive: below).
-            log.warning("lost the server before acking a run (%s); reconnecting", exc)
-            self.connected = False
-            internals.forget_connection(sub)
-            return None
+            try:
+                # Once acked the run is ours: never let a drain cancel between the ack
+                # and handing the run to the task group.
+                with anyio.CancelScope(shield=True):
+                    await sub.websocket.send(orjson.dumps({"type": "ack"}).decode())
+            except (OSError, websockets.exceptions.ConnectionClosed) as exc:
+                # The server re-queues it (or offers it again if the ack did arrive: below).
+                log.warning("lost the server before acking a run (%s); reconnecting", exc)
+                self.connections[sub] = False
+                internals.forget_connection(sub)
+                return None
+            finally:
+                self._limiter.release_on_behalf_of(slot)
+            run = TaskRun.model_validate_json(message)
+            # Hand the slot just freed to the run (no other intake waits for one now).
+            try:
+                self._limiter.acquire_on_behalf_of_nowait(run.id)
+            except RuntimeError:
+                # This worker already holds that run: the server offered it again (it
+                # re-queues a run whose ack it had not read when the socket dropped, or
+                # the reaper requeued it). It is acked; run it once.
+                log.warning("%s %s: offered again while running it here; skipped", run.name, run.id)
+                return None
+            return run
         finally:
-            self._limiter.release_on_behalf_of(slot)
-        run = TaskRun.model_validate_json(message)
-        # Hand the slot just freed to the run (nothing else takes slots meanwhile).
-        try:
-            self._limiter.acquire_on_behalf_of_nowait(run.id)
-        except RuntimeError:
-            # This worker already holds that run: the server offered it again (it
-            # re-queues a run whose ack it had not read when the socket dropped, or the
-            # reaper requeued it). It is acked; run it once.
-            log.warning("%s %s: offered again while running it here; skipped", run.name, run.id)
-            return None
-        return run
+            self._slot_lock.release()
 
     async def _offer(self, sub: Subscription[TaskRun]) -> str | bytes:
         """The next offer from the server, not acked yet; reconnects while the server is away."""
         while True:
             try:
                 websocket = await internals.subscribe(sub)
-                self.connected = True
+                self.connections[sub] = True
                 return await websocket.recv()
             except (OSError, websockets.exceptions.ConnectionClosed) as exc:
-                if self.connected:
-                    log.warning("lost the server (%s); reconnecting", exc)
-                self.connected = False
+                if self.connections.get(sub):
+                    log.warning("lost the server %s (%s); reconnecting", sub.subscription_url, exc)
+                self.connections[sub] = False
                 internals.forget_connection(sub)
                 await asyncio.sleep(0.5)
 
@@ -312,6 +369,7 @@ class FanoutWorker(TaskWorker):
             "client_id": self.client_id,
             "pool": self.pool,
             "connected": self.connected,
+            "replicas": dict(self.received),
             "stopping": self.stopping,
             "limit": self.limit,
             "running": len(self.in_flight()),

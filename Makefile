@@ -88,7 +88,7 @@ E2E_ENV = KIND=$(KIND) KUBECTL=$(KUBECTL) HELM=$(HELM) CLUSTER_NAME=$(CLUSTER_NA
 
 .PHONY: e2e
 e2e: install cluster keda images browser ## The whole stack on a local kind cluster: tools, cluster, KEDA, images, load, chart e2e tests
-	$(KIND) load docker-image --name $(CLUSTER_NAME) $(RUNTIME_IMAGE) $(POSTGRES_IMAGE) $(VERSITYGW_IMAGE)
+	$(KIND) load docker-image --name $(CLUSTER_NAME) $(RUNTIME_IMAGE) $(POSTGRES_IMAGE) $(REDIS_IMAGE) $(VERSITYGW_IMAGE)
 	cd tests && $(E2E_ENV) $(PY) -m pytest -v $(or $(E2E_ARGS),e2e)
 
 # --- benchmark ---------------------------------------------------------------------
@@ -103,7 +103,7 @@ bench: install redis ## Benchmark our fan-out against Dask, Celery+Redis and a p
 
 .PHONY: bench-kind
 bench-kind: install cluster images ## Benchmark storage on kind: 10k items on the bundled object store against hostPath (.bench/)
-	$(KIND) load docker-image --name $(CLUSTER_NAME) $(RUNTIME_IMAGE) $(POSTGRES_IMAGE) $(VERSITYGW_IMAGE)
+	$(KIND) load docker-image --name $(CLUSTER_NAME) $(RUNTIME_IMAGE) $(POSTGRES_IMAGE) $(REDIS_IMAGE) $(VERSITYGW_IMAGE)
 	cd tests && $(E2E_ENV) $(PY) bench/kind_storage.py --out $(CURDIR)/.bench $(BENCH_ARGS)
 
 .PHONY: clean

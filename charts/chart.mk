@@ -25,6 +25,8 @@ REPLICAS        ?=
 # happens exactly when something that goes into the image changed.
 RUNTIME_IMAGE  = $(shell images/runtime/build.sh --print-tag)
 POSTGRES_IMAGE ?= postgres:15-bookworm
+# Redis of the server's HA layout (server.replicas; the chart's redis.image).
+REDIS_IMAGE    ?= redis:7.0.15-bookworm
 # The bundled object server (storage.type objectStore); its tag is the chart's default.
 VERSITYGW_IMAGE = versity/versitygw:$(VERSITYGW_VERSION)
 KUBECTL_NS     = $(KUBECTL) --context kind-$(CLUSTER_NAME) -n $(CHART_NAMESPACE)
@@ -35,14 +37,15 @@ _chart_space := $(subst ,, )
 
 .PHONY: images chart-test chart-lint deploy demo scale undeploy
 
-images: ## Build the runtime, PostgreSQL and object server images (skipped when their inputs did not change)
+images: ## Build the runtime, PostgreSQL, Redis and object server images (skipped when their inputs did not change)
 	@timeout 10 docker info >/dev/null 2>&1 || k8s/scripts/docker-up.sh
 	@for img in python:3.11-slim-bookworm debian:bookworm-slim; do \
 	  docker image inspect $$img >/dev/null 2>&1 || images/base/build.sh $$img; done
 	images/runtime/build.sh >/dev/null
 	TAG=$(POSTGRES_IMAGE) images/postgres/build.sh >/dev/null
+	TAG=$(REDIS_IMAGE) images/redis/build.sh >/dev/null
 	images/versitygw/build.sh $(VERSITYGW_VERSION) >/dev/null
-	@echo "images: $(RUNTIME_IMAGE) $(POSTGRES_IMAGE) $(VERSITYGW_IMAGE)"
+	@echo "images: $(RUNTIME_IMAGE) $(POSTGRES_IMAGE) $(REDIS_IMAGE) $(VERSITYGW_IMAGE)"
 
 chart-test: $(if $(and $(wildcard $(HELM)),$(wildcard $(BIN_DIR)/kube-score)),,tools) ## Chart tests: render, lint, kube-score, reject bad values, validate against the Kubernetes OpenAPI schema (seconds)
 	cd tests && ../$(CHART_PYTHON) -m pytest chart -q
@@ -52,7 +55,7 @@ chart-lint: $(if $(wildcard $(HELM)),,tools) ## helm lint the chart (defaults an
 	$(HELM) lint --strict $(CHART) --kube-version $(or $(K8S_VERSION),v1.33.13) -f $(CHART_VALUES)
 
 deploy: images ## Install/upgrade the chart into namespace $(CHART_NAMESPACE) of the kind cluster
-	$(KIND) load docker-image --name $(CLUSTER_NAME) $(RUNTIME_IMAGE) $(POSTGRES_IMAGE) $(VERSITYGW_IMAGE)
+	$(KIND) load docker-image --name $(CLUSTER_NAME) $(RUNTIME_IMAGE) $(POSTGRES_IMAGE) $(REDIS_IMAGE) $(VERSITYGW_IMAGE)
 	$(HELM_NS) upgrade --install $(CHART_RELEASE) $(CHART) --create-namespace \
 	  -f $(CHART_VALUES) --set image.repository=$(firstword $(subst :, ,$(RUNTIME_IMAGE))) \
 	  --set image.tag=$(lastword $(subst :, ,$(RUNTIME_IMAGE))) --wait --timeout 15m

@@ -20,19 +20,22 @@ import yaml
 from conftest import CHART, K8S_VERSION, NAMESPACE, RELEASE, VERSITYGW_VERSION, Rendered
 
 from fanout import settings
-from fanout.settings import SERVER_SETTINGS
+from fanout.settings import HA_SERVER_SETTINGS, SERVER_SETTINGS
 
 FULL = f"{RELEASE}-fanout"
 STORE = f"{FULL}-object-store"
 SERVER = f"{FULL}-server"
 REAPER = f"{FULL}-reaper"
+SERVICES = f"{FULL}-server-services"
+REPLICAS = f"{FULL}-server-replicas"
+REDIS = f"{FULL}-redis"
 API_URL = f"http://{SERVER}:4200/api"
 AUTH_SECRET = f"{FULL}-auth"
 AUTH_REF = {"secretKeyRef": {"name": AUTH_SECRET, "key": "auth-string"}}
 
 # Value sets every structural test runs over (name -> values).
 EXTERNAL_DB = {"database": {"type": "external", "external": {"existingSecret": "prefect-db", "key": "url"}}}
-SQLITE = {"database": {"type": "sqlite"}}
+SQLITE = {"database": {"type": "sqlite"}, "server": {"replicas": 1}}
 CUSTOM_POOLS = {
     "pools": {
         "light": {"replicas": 5, "limit": 3, "terminationGracePeriodSeconds": 30},
@@ -193,27 +196,40 @@ def test_names_and_labels_fit_63_characters_for_long_release_names(name, helm, t
 def test_defaults_deploy_the_whole_stack(render):
     docs = render()
     assert docs.names("Deployment") == {
-        SERVER, f"{FULL}-pool-light", f"{FULL}-pool-heavy", f"{FULL}-worker", REAPER, STORE
+        SERVER, SERVICES, REDIS, f"{FULL}-pool-light", f"{FULL}-pool-heavy", f"{FULL}-worker", REAPER, STORE
     }  # fmt: skip
     assert docs.names("StatefulSet") == {f"{FULL}-postgresql"}
-    assert docs.names("Secret") == {f"{FULL}-postgresql", AUTH_SECRET, STORE}
+    assert docs.names("Secret") == {f"{FULL}-postgresql", AUTH_SECRET, STORE, REDIS}
     assert docs.names("ServiceAccount") == {f"{FULL}-worker", REAPER}
     assert not docs.all("NetworkPolicy")
-    assert docs.names("Service") == {  # -hl: headless; reaper and task-workers: /metrics
-        SERVER, f"{FULL}-postgresql", f"{FULL}-postgresql-hl", REAPER, f"{FULL}-task-workers", STORE
+    assert docs.names("Service") == {  # -hl, -replicas: headless; reaper and task-workers: /metrics
+        SERVER, REPLICAS, REDIS, f"{FULL}-postgresql", f"{FULL}-postgresql-hl", REAPER, f"{FULL}-task-workers", STORE
     }  # fmt: skip
-    assert docs.names("PersistentVolumeClaim") == {STORE}  # read and written by the object store alone
-    assert docs.names("PodDisruptionBudget") == {f"{FULL}-pool-light", f"{FULL}-pool-heavy"}
-    hooks = {d["metadata"]["name"]: d["metadata"]["annotations"]["helm.sh/hook"] for d in docs.all("Job")}
-    assert hooks == {f"{FULL}-setup": "post-install,post-upgrade", f"{FULL}-demo": "test"}
+    # Each read and written by one pod alone: the object store's, Redis's.
+    assert docs.names("PersistentVolumeClaim") == {STORE, REDIS}
+    assert docs.names("PodDisruptionBudget") == {SERVER, f"{FULL}-pool-light", f"{FULL}-pool-heavy"}
+    hooks = {d["metadata"]["name"]: d["metadata"].get("annotations", {}).get("helm.sh/hook") for d in docs.all("Job")}
+    (migrate,) = [n for n in hooks if n.startswith(f"{FULL}-migrate-")]
+    # The migrations Job is no hook: the database it migrates is created by the same release.
+    assert hooks == {f"{FULL}-setup": "post-install,post-upgrade", f"{FULL}-demo": "test", migrate: None}
 
 
-def test_server_is_one_prefect_server_with_health_probes(render):
-    server = render().get("Deployment", SERVER)
-    assert server["spec"]["replicas"] == 1
-    assert server["spec"]["strategy"] == {"type": "Recreate"}
-    (c,) = pod_spec(server)["containers"]
-    assert c["command"] == ["prefect", "server", "start", "--host", "0.0.0.0", "--port", "4200"]
+def _server_container(docs) -> dict[str, Any]:
+    (c,) = pod_spec(docs.get("Deployment", SERVER))["containers"]
+    return c
+
+
+def test_server_is_two_api_replicas_with_health_probes(render):
+    docs = render()
+    server = docs.get("Deployment", SERVER)
+    assert server["spec"]["replicas"] == 2
+    # A rollout starts a new replica before it stops an old one.
+    assert server["spec"]["strategy"] == {
+        "type": "RollingUpdate",
+        "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0},
+    }
+    c = _server_container(docs)
+    assert c["command"] == ["prefect", "server", "start", "--host", "0.0.0.0", "--port", "4200", "--no-services"]
     env = env_of(c)
     assert env["PREFECT_SERVER_ANALYTICS_ENABLED"] == "false"
     assert env["PREFECT_API_DATABASE_CONNECTION_URL"] == {
@@ -223,13 +239,95 @@ def test_server_is_one_prefect_server_with_health_probes(render):
         assert c[probe]["httpGet"] == {"path": "/api/health", "port": "http"}
     assert c["readinessProbe"]["httpGet"] == {"path": "/api/ready", "port": "http"}  # ...and reaches its database
     assert {"name": "http", "containerPort": 4200, "protocol": "TCP"} in c["ports"]
-    # Waits for PostgreSQL before starting (the server would crash-loop otherwise).
-    (init,) = pod_spec(server)["initContainers"]
-    assert init["command"][-2:] == [f"{FULL}-postgresql", "5432"]
+    # Waits for PostgreSQL, then for the migrations Job, before starting.
+    wait_db, wait_migrations = pod_spec(server)["initContainers"]
+    assert wait_db["command"][-2:] == [f"{FULL}-postgresql", "5432"]
+    assert wait_migrations["command"][:3] == ["python", "-m", "fanout.migrations"]
+    assert env_of(wait_migrations)["PREFECT_API_DATABASE_CONNECTION_URL"] == env["PREFECT_API_DATABASE_CONNECTION_URL"]
 
 
-def test_server_replicas_is_not_a_value(render_error):
-    assert "replicas" in render_error({"server": {"replicas": 2}})
+def test_every_server_process_runs_prefects_ha_settings_with_redis_from_its_secret(render):
+    """API replicas, services and migrations get fanout.settings.HA_SERVER_SETTINGS (what the
+    local stack's replica tests and `make bench` run), the Redis URL from the Secret."""
+    docs = render()
+    redis_url = {"secretKeyRef": {"name": REDIS, "key": "url"}}
+    want = {k: (redis_url if v == "{redis}" else v) for k, v in HA_SERVER_SETTINGS.items()}
+    (job,) = [j for j in docs.all("Job") if j["metadata"]["name"].startswith(f"{FULL}-migrate-")]
+    for obj in (docs.get("Deployment", SERVER), docs.get("Deployment", SERVICES), job):
+        (c,) = pod_spec(obj)["containers"]
+        env = env_of(c)
+        assert {k: env.get(k) for k in want} == want, obj["metadata"]["name"]
+        assert env["PREFECT_API_DATABASE_MIGRATE_ON_START"] == "false"  # the Job migrates, once
+        assert {k: env.get(k) for k in SERVER_SETTINGS} == SERVER_SETTINGS
+    secret = docs.get("Secret", REDIS)
+    password = base64.b64decode(secret["data"]["password"]).decode()
+    assert len(password) == 32 and password.isalnum()
+    assert base64.b64decode(secret["data"]["url"]).decode() == f"redis://:{password}@{REDIS}:6379/0"
+
+
+def test_services_migrations_and_redis_of_the_ha_layout(render):
+    docs = render()
+    services = docs.get("Deployment", SERVICES)
+    assert services["spec"]["replicas"] == 1
+    (c,) = pod_spec(services)["containers"]
+    assert c["command"] == ["prefect", "server", "services", "start"]
+    assert [i["name"] for i in pod_spec(services)["initContainers"]] == ["wait-for-database", "wait-for-migrations"]
+    (job,) = [j for j in docs.all("Job") if j["metadata"]["name"].startswith(f"{FULL}-migrate-")]
+    (m,) = pod_spec(job)["containers"]
+    assert m["command"] == ["prefect", "server", "database", "upgrade", "-y"]
+    # The Job's pod template is immutable: a new image makes a new Job (another name).
+    (job2,) = [j for j in render({"image": {"tag": "2"}}).all("Job") if "-migrate-" in j["metadata"]["name"]]
+    assert job2["metadata"]["name"] != job["metadata"]["name"]
+    redis = docs.get("Deployment", REDIS)
+    assert redis["spec"]["strategy"] == {"type": "Recreate"}
+    spec = pod_spec(redis)
+    assert spec["securityContext"]["runAsNonRoot"] and spec["securityContext"]["runAsUser"] == 999
+    (r,) = spec["containers"]
+    assert r["image"] == "redis:7.0.15-bookworm"
+    assert "$REDIS_PASSWORD" in r["args"][0] and "--appendonly yes" in r["args"][0]
+    assert env_of(r)["REDIS_PASSWORD"] == {"secretKeyRef": {"name": REDIS, "key": "password"}}
+    claims = {v["name"]: v.get("persistentVolumeClaim") for v in spec["volumes"]}
+    assert claims["data"] == {"claimName": REDIS}
+    assert (
+        "max_connections=200"
+        in docs.get("StatefulSet", f"{FULL}-postgresql")["spec"]["template"]["spec"]["containers"][0]["args"]
+    )
+
+
+def test_api_replicas_are_spread_kept_up_and_found_by_every_task_worker(render):
+    docs = render()
+    server = docs.get("Deployment", SERVER)
+    labels = server["spec"]["template"]["metadata"]["labels"]
+    (spread,) = pod_spec(server)["topologySpreadConstraints"]
+    assert spread["topologyKey"] == "kubernetes.io/hostname" and matches(spread["labelSelector"]["matchLabels"], labels)
+    pdb = docs.get("PodDisruptionBudget", SERVER)
+    assert pdb["spec"]["maxUnavailable"] == 1 and matches(pdb["spec"]["selector"]["matchLabels"], labels)
+    headless = docs.get("Service", REPLICAS)
+    assert headless["spec"]["clusterIP"] == "None" and matches(headless["spec"]["selector"], labels)
+    services_labels = docs.get("Deployment", SERVICES)["spec"]["template"]["metadata"]["labels"]
+    assert not matches(headless["spec"]["selector"], services_labels)  # API replicas only
+    for pool in ("light", "heavy"):
+        (c,) = pod_spec(docs.get("Deployment", f"{FULL}-pool-{pool}"))["containers"]
+        assert env_of(c)["FANOUT_API_REPLICAS"] == REPLICAS
+        assert env_of(c)["PREFECT_API_URL"] == API_URL  # everything else goes through the Service
+
+
+def test_one_api_replica_is_allowed(render):
+    docs = render({"server": {"replicas": 1}})
+    assert docs.get("Deployment", SERVER)["spec"]["replicas"] == 1
+    assert SERVER not in docs.names("PodDisruptionBudget")  # a PDB of one would block every drain
+    assert {SERVICES, REDIS} <= docs.names("Deployment")  # the same layout: scaling is a replica count
+
+
+def test_server_replicas_are_checked(render_error):
+    assert "/server/replicas" in render_error({"server": {"replicas": 0}})
+    assert "server.replicas must be 1 with database.type sqlite" in render_error({"database": {"type": "sqlite"}})
+    assert "database.postgres.maxConnections (200) is too small for server.replicas 5" in render_error(
+        {"server": {"replicas": 5}}
+    )
+    assert "server.replicas must be an integer >= 1, got 0" in render_error(
+        {"server": {"replicas": 0}}, "--skip-schema-validation"
+    )
 
 
 def test_postgres_secret_holds_a_generated_password_and_a_matching_url(render):
@@ -310,7 +408,7 @@ def test_external_database_reads_the_url_from_the_users_secret(render):
     assert not docs.all("StatefulSet")
     assert f"{FULL}-postgresql" not in docs.names("Secret")
     server = pod_spec(docs.get("Deployment", SERVER))
-    assert "initContainers" not in server
+    assert [i["name"] for i in server["initContainers"]] == ["wait-for-migrations"]  # no PostgreSQL to wait for
     assert env_of(server["containers"][0])["PREFECT_API_DATABASE_CONNECTION_URL"] == {
         "secretKeyRef": {"name": "prefect-db", "key": "url"}
     }
@@ -319,8 +417,15 @@ def test_external_database_reads_the_url_from_the_users_secret(render):
 def test_sqlite_database_lives_on_a_server_volume(render):
     docs = render(SQLITE)
     assert not docs.all("StatefulSet")
+    # One process with its services owns the file: no replicas, services, Redis or Job.
+    assert docs.names("Deployment") & {SERVICES, REDIS} == set()
+    assert not [j for j in docs.all("Job") if "-migrate-" in j["metadata"]["name"]]
+    assert docs.get("Deployment", SERVER)["spec"]["strategy"] == {"type": "Recreate"}
     server = pod_spec(docs.get("Deployment", SERVER))
     c = server["containers"][0]
+    assert "--no-services" not in c["command"]
+    (light,) = pod_spec(docs.get("Deployment", f"{FULL}-pool-light"))["containers"]
+    assert "FANOUT_API_REPLICAS" not in env_of(light)
     assert env_of(c)["PREFECT_API_DATABASE_CONNECTION_URL"] == "sqlite+aiosqlite:////data/prefect.db"
     assert {"name": "data", "mountPath": "/data"} in c["volumeMounts"]
     claim = {v["name"]: v for v in server["volumes"]}["data"]["persistentVolumeClaim"]["claimName"]
@@ -334,6 +439,8 @@ def test_custom_pools(render):
     docs = render(CUSTOM_POOLS)
     assert docs.names("Deployment") == {
         SERVER,
+        SERVICES,
+        REDIS,
         f"{FULL}-worker",
         REAPER,
         f"{FULL}-pool-light",
@@ -354,7 +461,7 @@ def test_custom_pools(render):
     assert env_of(heavy)["FANOUT_TASKS"] == "fanout_demo.tasks:heavy_batch"
     assert env_of(heavy)["FANOUT_WARM_PROCESS_POOL"] == "auto"
     assert docs.get("PodDisruptionBudget", f"{FULL}-pool-batch")["spec"]["maxUnavailable"] == "50%"
-    assert docs.names("PodDisruptionBudget") == {f"{FULL}-pool-light", f"{FULL}-pool-batch"}
+    assert docs.names("PodDisruptionBudget") == {SERVER, f"{FULL}-pool-light", f"{FULL}-pool-batch"}
 
 
 def test_scaled_pools(render):
@@ -618,7 +725,7 @@ def test_autoscaling_needs_the_reapers_metrics(render_error):
 
 def test_s3_storage_uses_a_block_and_credentials_from_a_secret(render):
     docs = render(S3)
-    assert not docs.all("PersistentVolumeClaim")
+    assert docs.names("PersistentVolumeClaim") == {REDIS}
     for name in (f"{FULL}-pool-light", f"{FULL}-pool-heavy"):
         spec = pod_spec(docs.get("Deployment", name))
         env = env_of(spec["containers"][0])
@@ -643,7 +750,7 @@ def test_the_bundled_object_store_serves_every_pod_over_s3_from_one_rwo_claim(re
     keys from its Secret; the setup hook creates the bucket and saves the block."""
     docs = render(OBJECT_STORE)
     name = f"{FULL}-object-store"
-    (claim,) = docs.all("PersistentVolumeClaim")
+    (claim,) = [c for c in docs.all("PersistentVolumeClaim") if c["metadata"]["name"] != REDIS]
     assert claim["metadata"]["name"] == name and claim["spec"]["accessModes"] == ["ReadWriteOnce"]
     store = docs.get("Deployment", name)
     assert store["spec"]["strategy"] == {"type": "Recreate"}
@@ -685,14 +792,14 @@ def test_the_bundled_object_store_serves_every_pod_over_s3_from_one_rwo_claim(re
 
 def test_hostpath_storage(render):
     docs = render(HOSTPATH)
-    assert not docs.all("PersistentVolumeClaim")
+    assert docs.names("PersistentVolumeClaim") == {REDIS}
     spec = pod_spec(docs.get("Deployment", f"{FULL}-pool-light"))
     assert {v["name"]: v for v in spec["volumes"]}["shared"]["hostPath"] == {"path": "/mnt/fanout", "type": "Directory"}
 
 
 def test_pvc_storage_creates_one_shared_claim_every_pool_mounts(render):
     docs = render({"storage": {"type": "pvc", "pvc": {"accessMode": "ReadWriteMany"}}})
-    (claim,) = docs.all("PersistentVolumeClaim")
+    (claim,) = [c for c in docs.all("PersistentVolumeClaim") if c["metadata"]["name"] != REDIS]
     assert claim["metadata"]["name"] == f"{FULL}-shared" and claim["spec"]["accessModes"] == ["ReadWriteMany"]
     for pool in ("light", "heavy"):
         spec = pod_spec(docs.get("Deployment", f"{FULL}-pool-{pool}"))
@@ -704,7 +811,7 @@ def test_pvc_storage_creates_one_shared_claim_every_pool_mounts(render):
 
 def test_existing_claim_is_used_and_not_created(render):
     docs = render({"storage": {"type": "pvc", "pvc": {"existingClaim": "team-share"}}})
-    assert not docs.all("PersistentVolumeClaim")
+    assert docs.names("PersistentVolumeClaim") == {REDIS}
     spec = pod_spec(docs.get("Deployment", f"{FULL}-pool-light"))
     assert {v["name"]: v for v in spec["volumes"]}["shared"]["persistentVolumeClaim"] == {"claimName": "team-share"}
 
@@ -920,11 +1027,13 @@ def test_flow_run_jobs_read_the_auth_string_from_the_secret(render, openapi, mon
 
 
 def api_clients(docs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Every container that talks to the Prefect API: all but the server's and PostgreSQL's."""
+    """Every container that talks to the Prefect API: all but the server's own (API replicas,
+    services, migrations), PostgreSQL's, Redis's and the object store's."""
     return {
         f"{obj['kind']}/{obj['metadata']['name']}/{c['name']}": c
         for obj in workloads(docs)
-        if obj["metadata"]["name"] not in (SERVER, f"{FULL}-postgresql", STORE)
+        if obj["metadata"]["name"] not in (SERVER, SERVICES, REDIS, f"{FULL}-postgresql", STORE)
+        and "-migrate-" not in obj["metadata"]["name"]
         for c in pod_spec(obj)["containers"]
     }
 
@@ -1001,9 +1110,9 @@ def matches(selector: dict[str, str], labels: dict[str, str]) -> bool:
     return all(labels.get(k) == v for k, v in selector.items())
 
 
-def test_network_policy_lets_only_the_server_reach_postgres(render):
+def test_network_policy_lets_only_the_server_reach_postgres_and_redis(render):
     docs = render({"networkPolicy": {"enabled": True}})
-    (policy,) = docs.all("NetworkPolicy")
+    policy = docs.get("NetworkPolicy", f"{FULL}-postgresql")
     spec = policy["spec"]
     assert spec["policyTypes"] == ["Ingress"]
     (rule,) = spec["ingress"]
@@ -1016,12 +1125,18 @@ def test_network_policy_lets_only_the_server_reach_postgres(render):
     assert {n for n, labels in pods.items() if matches(spec["podSelector"]["matchLabels"], labels)} == {
         f"{FULL}-postgresql"
     }
-    assert {n for n, labels in pods.items() if matches(peer["podSelector"]["matchLabels"], labels)} == {SERVER}
+    server_pods = {SERVER, SERVICES, *[n for n in pods if n.startswith(f"{FULL}-migrate-")]}
+    assert {n for n, labels in pods.items() if matches(peer["podSelector"]["matchLabels"], labels)} == server_pods
+    spec = docs.get("NetworkPolicy", REDIS)["spec"]
+    assert {n for n, labels in pods.items() if matches(spec["podSelector"]["matchLabels"], labels)} == {REDIS}
+    ((peer,),) = [r["from"] for r in spec["ingress"]]
+    assert {n for n, labels in pods.items() if matches(peer["podSelector"]["matchLabels"], labels)} == server_pods
 
 
-def test_network_policy_is_off_by_default_and_without_postgres(render):
+def test_network_policy_is_off_by_default_and_only_for_what_the_release_runs(render):
     assert not render().all("NetworkPolicy")
-    assert not render({"networkPolicy": {"enabled": True}, **EXTERNAL_DB}).all("NetworkPolicy")
+    # An external database: only Redis's policy.
+    assert render({"networkPolicy": {"enabled": True}, **EXTERNAL_DB}).names("NetworkPolicy") == {REDIS}
     assert not render({"networkPolicy": {"enabled": True}, **SQLITE}).all("NetworkPolicy")
 
 
@@ -1147,8 +1262,7 @@ def test_template_validation_also_names_the_value_without_the_schema(values, mes
 def test_server_settings_match_the_local_stack(render):
     """The chart's server runs with the same Prefect settings as `make run` and `make bench`
     measure (`fanout.local.SERVER_SETTINGS`), and a user's value reaches the server."""
-    (c,) = pod_spec(render().get("Deployment", SERVER))["containers"]
-    env = env_of(c)
+    env = env_of(_server_container(render()))
     assert {k: env.get(k) for k in SERVER_SETTINGS} == SERVER_SETTINGS
     triggers_off = {"server": {"settings": {"PREFECT_SERVER_SERVICES_TRIGGERS_ENABLED": "false"}}}
     (c,) = pod_spec(render(triggers_off).get("Deployment", SERVER))["containers"]

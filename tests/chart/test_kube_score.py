@@ -22,10 +22,12 @@ IGNORED = {
     "flow-run pods and your Jobs from anywhere in the namespace",
     "container-security-context-user-group-id": "only PostgreSQL is flagged: it runs as uid/gid 999, "
     "the postgres user of the official image that owns its data directory (non-root all the same)",
-    "deployment-replicas": "only the server is flagged: one replica on purpose, .delay() runs are "
-    "queued in the server process's memory",
-    "deployment-strategy": "only the server is flagged: Recreate on purpose, two servers at once "
-    "would each hold their own queue of .delay() runs",
+    "deployment-replicas": "the services Deployment and Redis are flagged: one of each on purpose "
+    "(Prefect's background services are scheduled once, through Redis; Redis sits on a "
+    "ReadWriteOnce volume); the API replicas are 2 by default",
+    "deployment-strategy": "Redis is flagged: Recreate on purpose, one pod on its ReadWriteOnce volume",
+    "deployment-has-host-podantiaffinity": "the API replicas spread over nodes with topologySpreadConstraints "
+    "(server.topologySpreadConstraints, ScheduleAnyway), which kube-score does not read",
 }
 # kube-score's flag, not a check name: CPU limits only where they size the work.
 FLAGS = [

@@ -260,3 +260,38 @@ def test_subscription_internals_the_worker_uses() -> None:
         asyncio.run(internals.subscribe(sub))
     assert internals.forget_connection(sub) is None
     asyncio.run(internals.unsubscribe(sub))  # nothing to close: a no-op
+
+
+_REVISIONS = """
+import asyncio, json
+from fanout import internals
+current, heads, known = asyncio.run(internals.database_revisions())
+print(json.dumps([sorted(current), sorted(heads), sorted(known)]))
+"""
+
+
+def test_database_revisions_reads_prefects_migrations_and_an_empty_database(tmp_path) -> None:
+    """The chart's API and services pods wait for the migrations Job through
+    `database_revisions` (fanout.migrations): Prefect's alembic config, its per-dialect
+    versions directory and the `alembic_version` table."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{tmp_path}/empty.db"}
+    out = subprocess.run(
+        [sys.executable, "-c", _REVISIONS], env=env, capture_output=True, text=True, timeout=60, check=True
+    ).stdout
+    current, heads, known = json.loads(out.strip().splitlines()[-1])
+    assert current == [], "an empty database is at no revision"
+    assert heads and set(heads) <= set(known) and len(known) > 50, (heads, len(known))
+    waited = subprocess.run(
+        [sys.executable, "-m", "fanout.migrations", "--timeout", "1"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert waited.returncode == 1
+    assert "not migrated within 1 s" in waited.stderr and heads[0] in waited.stderr, waited.stderr

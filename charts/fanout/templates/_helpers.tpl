@@ -206,3 +206,185 @@ imagePullSecrets:
 {{- end }}
 {{- toJson $pools }}
 {{- end }}
+
+{{/* "true" when the server runs in Prefect's HA layout (API replicas, services, Redis,
+migrations Job): every database but SQLite, which one process must own. */}}
+{{- define "fanout.serverHA" -}}
+{{- if ne .Values.database.type "sqlite" }}true{{ end }}
+{{- end }}
+
+{{- define "fanout.redisName" -}}{{ include "fanout.componentName" (list . "redis") }}{{- end }}
+{{- define "fanout.servicesName" -}}{{ include "fanout.componentName" (list . "server-services") }}{{- end }}
+{{/* The headless Service whose addresses are the API replicas (workers' FANOUT_API_REPLICAS). */}}
+{{- define "fanout.replicasName" -}}{{ include "fanout.componentName" (list . "server-replicas") }}{{- end }}
+
+{{/* Environment of every Prefect server process (API replicas, services, migrations):
+database, auth, the HA layout's Redis (fanout.settings.HA_SERVER_SETTINGS; a chart test
+keeps them equal) and server.settings. */}}
+{{- define "fanout.serverEnv" -}}
+{{- $db := .Values.database }}
+- name: PREFECT_SERVER_ANALYTICS_ENABLED
+  value: "false"
+- name: PREFECT_UI_API_URL
+  value: {{ .Values.server.uiApiUrl | quote }}
+{{- if .Values.auth.enabled }}
+# Basic auth on every API route except GET /api/health and /api/ready (the probes).
+- name: PREFECT_SERVER_API_AUTH_STRING
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "fanout.authSecretName" . }}
+      key: auth-string
+{{- end }}
+- name: PREFECT_API_DATABASE_CONNECTION_URL
+  {{- if eq $db.type "postgres" }}
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "fanout.postgresName" . }}
+      key: connection-url
+  {{- else if eq $db.type "external" }}
+  valueFrom:
+    secretKeyRef:
+      name: {{ $db.external.existingSecret }}
+      key: {{ $db.external.key }}
+  {{- else }}
+  value: sqlite+aiosqlite:////data/prefect.db
+  {{- end }}
+{{- if include "fanout.serverHA" . }}
+# Migrations run once, in the migrations Job; API replicas and services wait for it.
+- name: PREFECT_API_DATABASE_MIGRATE_ON_START
+  value: "false"
+- name: PREFECT_MESSAGING_BROKER
+  value: prefect_redis.messaging
+- name: PREFECT_MESSAGING_CACHE
+  value: prefect_redis.messaging
+- name: PREFECT_SERVER_EVENTS_CAUSAL_ORDERING
+  value: prefect_redis.ordering
+- name: PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE
+  value: prefect_redis.lease_storage
+- name: PREFECT_REDIS_MESSAGING_URL
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "fanout.redisName" . }}
+      key: url
+- name: PREFECT_SERVER_DOCKET_URL
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "fanout.redisName" . }}
+      key: url
+# prefect-redis publishes events in batches of 5 or every 10 s: runs' last events then
+# reached the recorder and waiting callers up to 10 s late.
+- name: PREFECT_REDIS_MESSAGING_PUBLISHER_BATCH_SIZE
+  value: "1"
+{{- end }}
+{{- range $name, $value := .Values.server.settings }}
+- name: {{ $name }}
+  value: {{ $value | quote }}
+{{- end }}
+{{- with .Values.server.extraEnv }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{/* Init container of the server pods: wait until PostgreSQL accepts connections. */}}
+{{- define "fanout.waitForDatabase" -}}
+- name: wait-for-database
+  image: {{ include "fanout.image" . }}
+  imagePullPolicy: {{ .Values.image.pullPolicy }}
+  command:
+    - python
+    - -c
+    - |
+      import socket, sys, time
+      host, port = sys.argv[1], int(sys.argv[2])
+      for attempt in range(300):
+          try:
+              socket.create_connection((host, port), timeout=2).close()
+              sys.exit(0)
+          except OSError as exc:
+              if attempt % 15 == 0:
+                  print(f"waiting for {host}:{port}: {exc}", flush=True)
+              time.sleep(2)
+      sys.exit(f"{host}:{port} did not answer in 10 minutes")
+    - {{ include "fanout.postgresName" . }}
+    - "5432"
+  securityContext:
+    {{- toYaml .Values.containerSecurityContext | nindent 4 }}
+  resources:
+    {{- include "fanout.smallResources" . | nindent 4 }}
+  volumeMounts:
+    {{- include "fanout.tmpVolumeMount" . | nindent 4 }}
+{{- end }}
+
+{{/* Init container of the API replicas and the services: wait until the migrations Job
+has brought the database to this image's Prefect (fanout.migrations). */}}
+{{- define "fanout.waitForMigrations" -}}
+- name: wait-for-migrations
+  image: {{ include "fanout.image" . }}
+  imagePullPolicy: {{ .Values.image.pullPolicy }}
+  command: [python, -m, fanout.migrations, --timeout, "1800"]
+  env:
+    {{- include "fanout.serverEnv" . | nindent 4 }}
+  securityContext:
+    {{- toYaml .Values.containerSecurityContext | nindent 4 }}
+  resources:
+    requests:
+      cpu: 10m
+      memory: 128Mi
+      ephemeral-storage: 16Mi
+    limits:
+      memory: 384Mi
+      ephemeral-storage: 64Mi
+  volumeMounts:
+    {{- include "fanout.tmpVolumeMount" . | nindent 4 }}
+{{- end }}
+
+{{- define "fanout.smallResources" -}}
+requests:
+  cpu: 10m
+  memory: 32Mi
+  ephemeral-storage: 16Mi
+limits:
+  memory: 64Mi
+  ephemeral-storage: 64Mi
+{{- end }}
+
+{{/* The migrations Job's pod template (server-ha.yaml names the Job after its hash). */}}
+{{- define "fanout.migrationsPod" -}}
+{{- $db := .Values.database -}}
+metadata:
+  labels:
+    {{- include "fanout.labels" (list . "migrate") | nindent 4 }}
+    fanout.io/database-client: "true"
+spec:
+  {{- include "fanout.podCommon" . | nindent 2 }}
+  automountServiceAccountToken: false
+  enableServiceLinks: false
+  restartPolicy: OnFailure
+  {{- if eq $db.type "postgres" }}
+  initContainers:
+    {{- include "fanout.waitForDatabase" . | nindent 4 }}
+  {{- end }}
+  containers:
+    - name: migrate
+      image: {{ include "fanout.image" . }}
+      imagePullPolicy: {{ .Values.image.pullPolicy }}
+      command: [prefect, server, database, upgrade, -y]
+      env:
+        {{- include "fanout.serverEnv" . | nindent 8 }}
+      securityContext:
+        {{- toYaml .Values.containerSecurityContext | nindent 8 }}
+      resources:
+        {{- toYaml .Values.server.migrations.resources | nindent 8 }}
+      volumeMounts:
+        {{- include "fanout.tmpVolumeMount" . | nindent 8 }}
+  volumes:
+    {{- include "fanout.tmpVolume" . | nindent 4 }}
+  {{- with .Values.server.nodeSelector }}
+  nodeSelector:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  {{- with .Values.server.tolerations }}
+  tolerations:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+{{- end }}

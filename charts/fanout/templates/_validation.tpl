@@ -15,6 +15,21 @@ Fail fast with a message naming the value, for what values.schema.json cannot ex
 {{- $_ := required "database.external.existingSecret is required when database.type is external (a Secret with the SQLAlchemy URL)" $db.external.existingSecret }}
 {{- end }}
 
+{{- $replicas := .Values.server.replicas }}
+{{- if lt (int $replicas) 1 }}
+{{- fail (printf "server.replicas must be an integer >= 1, got %v" $replicas) }}
+{{- end }}
+{{- if and (eq $db.type "sqlite") (gt (int $replicas) 1) }}
+{{- fail (printf "server.replicas must be 1 with database.type sqlite (one process owns the SQLite file; got %v): use database.type postgres or external for several API replicas" $replicas) }}
+{{- end }}
+{{- if eq $db.type "postgres" }}
+{{- $per := add (int (index .Values.server.settings "PREFECT_SERVER_DATABASE_SQLALCHEMY_POOL_SIZE" | default "5")) (int (index .Values.server.settings "PREFECT_SERVER_DATABASE_SQLALCHEMY_MAX_OVERFLOW" | default "10")) }}
+{{- $need := add 10 (mul $per (add1 (int $replicas))) }}
+{{- if gt (int $need) (int $db.postgres.maxConnections) }}
+{{- fail (printf "database.postgres.maxConnections (%v) is too small for server.replicas %v: %v API replicas + the services pod, each with up to %v connections (POOL_SIZE + MAX_OVERFLOW of server.settings), need %v" $db.postgres.maxConnections $replicas $replicas $per $need) }}
+{{- end }}
+{{- end }}
+
 {{- $st := .Values.storage }}
 {{- if not (has $st.type (list "objectStore" "s3" "pvc" "hostPath")) }}
 {{- fail (printf "storage.type must be one of objectStore, s3, pvc, hostPath; got %q" $st.type) }}

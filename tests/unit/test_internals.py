@@ -265,14 +265,15 @@ def test_subscription_internals_the_worker_uses() -> None:
 _REVISIONS = """
 import asyncio, json
 from fanout import internals
-current, heads, known = asyncio.run(internals.database_revisions())
+heads, known = internals.migration_revisions()
+current = asyncio.run(internals.database_revision())
 print(json.dumps([sorted(current), sorted(heads), sorted(known)]))
 """
 
 
-def test_database_revisions_reads_prefects_migrations_and_an_empty_database(tmp_path) -> None:
+def test_migration_and_database_revisions_read_prefects_migrations_and_an_empty_database(tmp_path) -> None:
     """The chart's API and services pods wait for the migrations Job through
-    `database_revisions` (fanout.migrations): Prefect's alembic config, its per-dialect
+    `migration_revisions` and `database_revision` (fanout.migrations): Prefect's alembic config, its per-dialect
     versions directory and the `alembic_version` table."""
     import json
     import os

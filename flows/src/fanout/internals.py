@@ -340,29 +340,32 @@ def forget_connection(sub: Any) -> Any:
     return websocket
 
 
-async def database_revisions() -> tuple[set[str], set[str], set[str]]:
-    """(the revisions the Prefect database is at, the head revisions of this Prefect's
-    migrations for that database's dialect, every revision this Prefect knows there).
-    Empty first set: not migrated yet. Used by the chart's API and services pods to wait
-    for the migrations Job (`fanout.migrations`); Prefect's own check runs the migrations
-    instead, which two API replicas must not do at once (Prefect takes no database lock
-    around them)."""
+def migration_revisions() -> tuple[set[str], set[str]]:
+    """(the head revisions of this Prefect's migrations for the configured database's
+    dialect, every revision it knows there), read from the migration files. Used with
+    `database_revision` by the chart's API and services pods to wait for the migrations Job
+    (`fanout.migrations`); Prefect's own check runs the migrations instead, which two API
+    replicas must not do at once (Prefect takes no database lock around them)."""
     from alembic.script import ScriptDirectory
     from prefect.server.database import provide_database_interface
     from prefect.server.database.alembic_commands import alembic_config
+
+    script = ScriptDirectory.from_config(alembic_config())
+    versions = ScriptDirectory(script.dir, version_locations=[str(provide_database_interface().orm.versions_dir)])
+    return set(versions.get_heads()), {r.revision for r in versions.walk_revisions()}
+
+
+async def database_revision() -> set[str]:
+    """The revisions the Prefect database is at; empty: not migrated yet."""
+    from prefect.server.database import provide_database_interface
     from sqlalchemy import exc, text
 
-    db = provide_database_interface()
-    script = ScriptDirectory.from_config(alembic_config())
-    versions = ScriptDirectory(script.dir, version_locations=[str(db.orm.versions_dir)])
-    heads = set(versions.get_heads())
-    known = {r.revision for r in versions.walk_revisions()}
-    engine = await db.engine()
+    engine = await provide_database_interface().engine()
     try:
         async with engine.connect() as conn:
             rows = await conn.execute(text("SELECT version_num FROM alembic_version"))
-            return {r[0] for r in rows}, heads, known
+            return {r[0] for r in rows}
     except (exc.ProgrammingError, exc.OperationalError) as e:
         if "alembic_version" in str(e):  # no such table: an empty database
-            return set(), heads, known
+            return set()
         raise

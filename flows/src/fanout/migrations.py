@@ -16,29 +16,29 @@ import asyncio
 import sys
 import time
 
-from fanout.internals import database_revisions
+from fanout.internals import database_revision, migration_revisions
 
 
 async def wait_migrated(timeout: float, say_every: float = 30.0) -> None:
     """Return once the database is at Prefect's heads; raise TimeoutError after `timeout`
     seconds, RuntimeError when the database holds revisions this Prefect does not know."""
+    heads, known = migration_revisions()  # from the image's files: read once
     deadline = time.monotonic() + timeout
     said = 0.0
     while True:
         try:
-            current, heads, known = await database_revisions()
+            current = await database_revision()
+        except Exception as exc:  # noqa: BLE001 - not reachable yet, starting up, ...: retried until the timeout
+            why = f"database not readable: {type(exc).__name__}: {exc}"
+        else:
             if current == heads:
                 return
-            why = f"database at {sorted(current) or 'no revision'}, waiting for {sorted(heads)}"
             if current - known:
                 raise RuntimeError(
                     f"the database is at {sorted(current)}, which this image's Prefect does not know "
                     f"(its heads: {sorted(heads)}): the database is newer than the image"
                 )
-        except RuntimeError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - not reachable yet, starting up, ...: retried until the timeout
-            why = f"database not readable: {type(exc).__name__}: {exc}"
+            why = f"database at {sorted(current) or 'no revision'}, waiting for {sorted(heads)}"
         if time.monotonic() > deadline:
             raise TimeoutError(f"the Prefect database was not migrated within {timeout:.0f} s ({why})")
         if time.monotonic() - said >= say_every:

@@ -17,3 +17,15 @@ official_or_ours() {
   fi
   return 1
 }
+
+# official_or_debian_build NAME TAG HASH BASE: TAG ready (official_or_ours), else built from
+# images/NAME/Dockerfile on BASE (Debian's packages) and labelled with HASH. Prints TAG.
+official_or_debian_build() {
+  local name=$1 tag=$2 hash=$3 base=$4
+  if ! official_or_ours "$tag" "$hash" "$name"; then
+    echo "$name: building $tag from Debian packages (base $base)" >&2
+    tar -c "images/$name" | nice -n 10 docker build --network host --build-arg "BASE_IMAGE=$base" \
+      --label "fanout.hash=$hash" -f "images/$name/Dockerfile" -t "$tag" - >&2
+  fi
+  echo "$tag"
+}

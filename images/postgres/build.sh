@@ -14,8 +14,4 @@ hash=$( { cat images/postgres/Dockerfile images/postgres/docker-entrypoint.sh; e
 
 # shellcheck source=images/official.sh
 . images/official.sh
-if official_or_ours "$tag" "$hash" postgres; then echo "$tag"; exit 0; fi
-echo "postgres: building $tag from Debian packages (base $base)" >&2
-tar -c images/postgres | nice -n 10 docker build --network host --build-arg "BASE_IMAGE=$base" \
-  --label "fanout.hash=$hash" -f images/postgres/Dockerfile -t "$tag" - >&2
-echo "$tag"
+official_or_debian_build postgres "$tag" "$hash" "$base"

@@ -14,8 +14,4 @@ hash=$( { cat images/redis/Dockerfile; echo "$base"; } | sha256sum | cut -c1-12)
 
 # shellcheck source=images/official.sh
 . images/official.sh
-if official_or_ours "$tag" "$hash" redis; then echo "$tag"; exit 0; fi
-echo "redis: building $tag from Debian packages (base $base)" >&2
-tar -c images/redis | nice -n 10 docker build --network host --build-arg "BASE_IMAGE=$base" \
-  --label "fanout.hash=$hash" -f images/redis/Dockerfile -t "$tag" - >&2
-echo "$tag"
+official_or_debian_build redis "$tag" "$hash" "$base"
